@@ -1,0 +1,174 @@
+"""``dit4sr-upscale INPUT... -o OUTDIR``: super-resolve images on one machine, without Ray.
+
+Inputs are image files, directories (searched recursively) or fsspec URLs of either
+(``s3://bucket/photos/``). Each output is ``OUTDIR/<name>.png`` (for a directory input, its path
+relative to that directory), written to a temporary name and renamed when complete, so a crash never
+leaves a partial file under the final name. An input that cannot be read, is not an image, is
+truncated or exceeds ``--max-pixels`` fails alone with a one-line reason on stderr; the others are
+still processed and the exit code is 1 when anything failed (2 for bad arguments or an unloadable model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import fsspec
+import pillow_heif
+from PIL import Image
+from tqdm.auto import tqdm
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif")
+# Inputs above this many pixels are refused before decoding (decompression bombs; x4 output is 16x larger).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+@dataclass(frozen=True)
+class Job:
+    source: str  # as the user can recognise it (URL or path)
+    fs: fsspec.AbstractFileSystem
+    path: str
+    output: str  # relative output path, '/'-separated, with the .png suffix
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Jobs for every image named by the inputs, and ``(input, reason)`` for inputs that name nothing."""
+    jobs, errors = [], []
+    for item in inputs:
+        try:
+            fs, path = fsspec.core.url_to_fs(item)
+            protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+            display = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+            if fs.isdir(path):
+                found = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES)
+                if not found:
+                    errors.append((item, "directory contains no image files"))
+                base = path.rstrip("/")
+                for p in found:
+                    relative = PurePosixPath(p[len(base):].lstrip("/")).with_suffix(".png")
+                    jobs.append(Job(display(p), fs, p, relative.as_posix()))
+            elif fs.isfile(path):
+                jobs.append(Job(item, fs, path, PurePosixPath(path).with_suffix(".png").name))
+            else:
+                errors.append((item, "no such file or directory"))
+        except Exception as error:  # noqa: BLE001 - any listing failure is this input's failure alone
+            errors.append((item, _reason(error)))
+    return jobs, errors
+
+
+def _reason(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or repr(error)
+    return f"{type(error).__name__}: {message}"
+
+
+def read_image(job: Job, max_pixels: int) -> Image.Image:
+    data = job.fs.cat_file(job.path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise ValueError("not a recognised image file") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"more pixels than --max-pixels {max_pixels} (possible decompression bomb)") from None
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        raise ValueError(f"{image.width}x{image.height} = {pixels} pixels exceeds --max-pixels {max_pixels}")
+    image.load()  # decode now, so truncated files fail here with their own message
+    return image
+
+
+def write_atomic(image: Image.Image, target: Path) -> None:
+    """PNG under a temporary name in the target folder, then renamed: readers never see a partial file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dit4sr-upscale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories or fsspec URLs")
+    parser.add_argument("-o", "--output-dir", required=True, help="local folder for the PNG outputs")
+    parser.add_argument("--model", default="bundled", help="'bundled' (default), a model folder or an fsspec URL")
+    parser.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the model's recommended)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: recommended)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tile-size", type=int, help="latent tile size (default: recommended)")
+    parser.add_argument("--tile-overlap", type=int, help="latent tile overlap (default: recommended)")
+    parser.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="default: recommended")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS})")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_pixels < 1:
+        print("dit4sr-upscale: --max-pixels must be positive", file=sys.stderr)
+        return 2
+    # Our own limit is checked explicitly; Pillow's (lower by default) must not pre-empt a larger one.
+    Image.MAX_IMAGE_PIXELS = args.max_pixels
+    pillow_heif.register_heif_opener()
+
+    from .pipeline_dit4sr import DiT4SRPipeline
+
+    jobs, failures = expand_inputs(args.inputs)
+    for item, reason in failures:
+        print(f"dit4sr-upscale: FAILED {item}: {reason}", file=sys.stderr)
+    seen: dict[str, str] = {}
+    unique = []
+    for job in jobs:
+        if job.output in seen:
+            reason = f"output name {job.output} already taken by {seen[job.output]}"
+            print(f"dit4sr-upscale: FAILED {job.source}: {reason}", file=sys.stderr)
+            failures.append((job.source, reason))
+        else:
+            seen[job.output] = job.source
+            unique.append(job)
+    if not unique:
+        return 1 if failures else 2
+
+    try:
+        pipe = DiT4SRPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
+    except Exception as error:  # noqa: BLE001 - reported as one line, like every other failure
+        print(f"dit4sr-upscale: cannot load model {args.model}: {_reason(error)}", file=sys.stderr)
+        return 2
+    settings = {k: v for k, v in {
+        "num_inference_steps": args.steps, "guidance_scale": args.guidance, "tile_size": args.tile_size,
+        "tile_overlap": args.tile_overlap, "color_fix": args.color_fix,
+    }.items() if v is not None}
+
+    output_dir = Path(args.output_dir)
+    written = 0
+    for job in tqdm(unique, desc="upscale", unit="image", disable=args.quiet):
+        try:
+            image = read_image(job, args.max_pixels)
+            result = pipe(image, upscale=args.scale, seed=args.seed, output_type="pil", show_progress=False,
+                          **settings).images[0]
+            write_atomic(result, output_dir / job.output)
+            written += 1
+        except Exception as error:  # noqa: BLE001 - a bad input fails alone
+            reason = _reason(error)
+            tqdm.write(f"dit4sr-upscale: FAILED {job.source}: {reason}", file=sys.stderr)
+            failures.append((job.source, reason))
+    print(f"dit4sr-upscale: {written} written to {output_dir}, {len(failures)} failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

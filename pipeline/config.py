@@ -1,0 +1,160 @@
+"""Job configuration: YAML files validated by pydantic, ``--set key=value`` overrides, and the fingerprint.
+
+Unknown keys and wrong types are errors naming the offending key, so a typo in a nightly job's config fails
+at submit time instead of silently running with a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp", "tiff", "bmp", "gif", "avif", "heic", "same")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key and the cause."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Section):
+    uri: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    include: list[str] = Field(default_factory=lambda: ["**"])
+    exclude: list[str] = Field(default_factory=list)
+    # Lay out a small example catalog (skimage photos) when the input folder is empty or absent.
+    example_catalog: bool = False
+
+
+class OutputConfig(_Section):
+    uri: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    format: Literal[OUTPUT_FORMATS] = "png"  # type: ignore[valid-type]
+    quality: int = Field(95, ge=1, le=100)
+
+
+class ModelConfig(_Section):
+    # "bundled", a checkpoint root (path or fsspec URL), or "bicubic" (plain resize: tests and plumbing runs only).
+    path: str = "bundled"
+    release: Literal["v1", "r1"] | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str | None = None  # None: CUDA when the actor holds a GPU, else CPU
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class UpscaleConfig(_Section):
+    scale: int = Field(4, ge=1, le=8)
+    # None means "the model's recommended setting"; resolved before fingerprinting.
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    seed: int = 0
+    tile_size: int | None = Field(None, ge=16)
+    tile_overlap: int | None = Field(None, ge=0)
+    color_fix: Literal["adain", "wavelet", "none"] | None = None
+    prompt: str = ""
+    # Optional Parquet/CSV table with columns `source` (path relative to input.uri) and `prompt`.
+    prompts_uri: str | None = None
+
+
+class LimitsConfig(_Section):
+    max_input_pixels: int = Field(40_000_000, ge=1)
+    max_output_pixels: int = Field(400_000_000, ge=1)
+
+
+class ActorsConfig(_Section):
+    min: int = Field(1, ge=1)
+    max: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ActorsConfig":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be >= min ({self.min})")
+        return self
+
+
+class ComputeConfig(_Section):
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float = Field(1, ge=0)
+    batch_size: int = Field(4, ge=1)
+    torch_threads: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Section):
+    progress_interval_s: float = Field(30, gt=0)
+
+
+class JobConfig(_Section):
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML config, apply ``key=value`` overrides (values parsed as YAML), and validate."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    for assignment in overrides or []:
+        _apply_override(data, assignment)
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Stable hash of resolved settings that change output bytes (see ``engine.resolve_settings``)."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,202 @@
+"""Upscaling engines behind one small interface, chosen by ``model.path``.
+
+* ``bundled`` or a checkpoint root (path / fsspec URL): DiT4SR through ``dit4sr.DiT4SRPipeline``.
+* ``bicubic``: a plain bicubic resize, for tests and plumbing runs only (fast, deterministic, no model).
+* ``package.module:factory``: any importable factory ``factory(settings) -> Engine`` (plug-in engines).
+
+``resolve_settings`` turns the config into the concrete values that decide output bytes (model defaults filled
+in), which is what the config fingerprint hashes; engines run from those same values, so what was fingerprinted
+is exactly what runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .config import ConfigError, JobConfig
+from .storage import Location
+
+BICUBIC_VERSION = "pil-bicubic-1"
+NEGATIVE = "\x00negative"  # key of the negative prompt's embedding (never a row's prompt)
+
+
+class Engine(Protocol):
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        """float32 HxWxC (C=3 or 4) in [0, 1] -> float32 (scale*H)x(scale*W)xC in [0, 1]."""
+
+
+def engine_kind(path: str) -> str:
+    if path == "bicubic":
+        return "bicubic"
+    module, sep, _ = path.partition(":")
+    if sep and "://" not in path and module.replace(".", "").replace("_", "").isalnum():
+        return "plugin"
+    return "dit4sr"
+
+
+def _output_settings(cfg: JobConfig) -> dict[str, Any]:
+    quality = cfg.output.quality if cfg.output.format in ("jpeg", "webp", "avif", "heic", "same") else None
+    return {"scale": cfg.upscale.scale, "output_format": cfg.output.format, "quality": quality}
+
+
+def resolve_settings(cfg: JobConfig) -> dict[str, Any]:
+    """Everything that changes output bytes, with model defaults resolved (the fingerprint's input)."""
+    kind = engine_kind(cfg.model.path)
+    if kind == "bicubic":
+        if cfg.upscale.prompt or cfg.upscale.prompts_uri:
+            raise ConfigError("upscale.prompt / prompts_uri: the bicubic engine takes no prompt")
+        return {"engine": BICUBIC_VERSION, **_output_settings(cfg)}
+    if kind == "plugin":
+        factory = _import(cfg.model.path)
+        return {"engine": cfg.model.path, "version": getattr(factory, "version", None),
+                "seed": cfg.upscale.seed, "prompt": cfg.upscale.prompt, **_output_settings(cfg)}
+    return _dit4sr_settings(cfg)
+
+
+def _import(path: str) -> Any:
+    module, _, attribute = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model.path: cannot import engine factory {path!r}: {exc}") from exc
+
+
+def model_root(cfg: JobConfig) -> Location:
+    import dit4sr
+
+    return Location(dit4sr.BUNDLED_MODEL if cfg.model.path == "bundled" else cfg.model.path,
+                    cfg.model.storage_options)
+
+
+def _read_json(root: Location, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(root.read(key))
+    except FileNotFoundError:
+        return None
+
+
+def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
+    """Resolve like ``DiT4SRPipeline.effective_settings`` (config > recommended_settings.json > official
+    defaults) from the model's small JSON files only, so planning and dry runs never load weights."""
+    import dit4sr
+    from dit4sr.pipeline_dit4sr import RECOMMENDED_SETTINGS_FILE, TEXT_COMPONENTS
+
+    root = model_root(cfg)
+    index = _read_json(root, "model_index.json")
+    if index is None:
+        raise ConfigError(f"model.path {cfg.model.path!r}: no model_index.json at {root.uri}")
+    transformer = _read_json(root, "transformer/config.json") or {}
+    vae = _read_json(root, "vae/config.json") or {}
+    recommended = _read_json(root, RECOMMENDED_SETTINGS_FILE) or {}
+    upscale = cfg.upscale
+    chosen = {"num_inference_steps": upscale.steps, "guidance_scale": upscale.guidance_scale,
+              "tile_size": upscale.tile_size, "tile_overlap": upscale.tile_overlap, "color_fix": upscale.color_fix}
+    sampler = {**dit4sr.OFFICIAL_SETTINGS, **recommended, **{k: v for k, v in chosen.items() if v is not None}}
+    sampler.pop("tile_batch_size", None)  # changes rounding only, like batch sizes: not part of the fingerprint
+    # The model's identity without downloading weights: its JSON files, and every file's name and size.
+    files = sorted((e.relative, e.size) for e in root.list() if not e.relative.startswith("."))
+    identity = hashlib.sha256(json.dumps([index, transformer, vae, recommended, files], sort_keys=True,
+                                         default=str).encode()).hexdigest()[:16]
+    settings = {
+        "engine": "dit4sr", "sampler_version": dit4sr.SAMPLER_VERSION, "model": cfg.model.path,
+        "model_identity": identity, "release": cfg.model.release, "dtype": cfg.model.dtype,
+        "seed": upscale.seed, "prompt": upscale.prompt, **sampler, **_output_settings(cfg),
+        "vae_scale_factor": int(vae.get("downscale_factor") or 2 ** (len(vae.get("block_out_channels", [0])) - 1)),
+        "patch_size": int(transformer.get("patch_size", 2)),
+    }
+    has_text_encoders = all(index.get(name) and index[name][0] for name in TEXT_COMPONENTS)
+    wanted = texts_to_encode(settings, [upscale.prompt or ("<per-source prompt>" if upscale.prompts_uri else "")])
+    if wanted and not has_text_encoders:
+        raise ConfigError(
+            f"model {cfg.model.path!r} has no text encoders, so it cannot encode {sorted(wanted.values())[0]!r}: "
+            "leave upscale.prompt and prompts_uri empty, and keep guidance_scale <= 1 unless the model ships "
+            "text encoders")
+    return settings
+
+
+def texts_to_encode(settings: dict[str, Any], prompts: list[str]) -> dict[str, str]:
+    """Texts that need a text encoder: each row prompt composed as the pipeline does it, plus the negative prompt
+    when guidance is on (key ``NEGATIVE``). Empty texts use the model's stored null-prompt embedding."""
+    from dit4sr import compose_prompt
+
+    texts = {prompt: compose_prompt(prompt, settings["added_prompt"]) for prompt in prompts}
+    texts = {prompt: text for prompt, text in texts.items() if text}
+    if settings["guidance_scale"] > 1 and settings["negative_prompt"]:
+        texts[NEGATIVE] = settings["negative_prompt"]
+    return texts
+
+
+def tiles_per_image(settings: dict[str, Any], width: int, height: int) -> int:
+    """Number of sampler tiles for one image, for the dry-run cost estimate (other engines: one "tile")."""
+    if settings["engine"] != "dit4sr":
+        return 1
+    from dit4sr.tiling import plan_tiles
+
+    scale, factor = settings["scale"], settings["vae_scale_factor"]
+    short = settings["process_size"] // scale  # the pipeline first raises the short side to this
+    if min(width, height) < short:
+        width, height = int(width * short / min(width, height)), int(height * short / min(width, height))
+    latent_h, latent_w = max(1, height * scale // factor), max(1, width * scale // factor)
+    return len(plan_tiles(latent_h, latent_w, settings["tile_size"], settings["tile_overlap"],
+                          multiple=settings["patch_size"]))
+
+
+class BicubicEngine:
+    """Bicubic resize per channel in float32 (deterministic, size exact); not a super-resolution model."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self.scale = settings["scale"]
+
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        height, width, channels = image.shape
+        size = (width * self.scale, height * self.scale)
+        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]), mode="F")
+                             .resize(size, Image.Resampling.BICUBIC)) for c in range(channels)]
+        return np.clip(np.stack(planes, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "start_point", "tile_size", "tile_overlap",
+                "tile_weighting", "color_fix", "process_size", "negative_prompt", "added_prompt", "vae_tiling")
+
+
+class DiT4SREngine:
+    """One ``DiT4SRPipeline`` per actor, without text encoders: prompts arrive as embeddings."""
+
+    def __init__(self, cfg: JobConfig, settings: dict[str, Any], *, device: str, prompt_embeds: dict[str, Any]):
+        import torch
+        import dit4sr
+
+        torch.set_num_threads(cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)))
+        self.settings = settings
+        self.sampler = {key: settings[key] for key in SAMPLER_KEYS}
+        negative = prompt_embeds.get(NEGATIVE)
+        self.negative = {} if negative is None else {"negative_prompt_embeds": negative.prompt_embeds,
+                                                      "negative_pooled_prompt_embeds": negative.pooled_prompt_embeds}
+        self.prompt_embeds = prompt_embeds
+        self.pipe = dit4sr.DiT4SRPipeline.from_pretrained(
+            cfg.model.path, release=cfg.model.release, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
+            storage_options=cfg.model.storage_options)
+
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        embedding = self.prompt_embeds.get(prompt)
+        embeds = {} if embedding is None else {"prompt_embeds": embedding.prompt_embeds,
+                                               "pooled_prompt_embeds": embedding.pooled_prompt_embeds}
+        result = self.pipe(image, upscale=self.settings["scale"], seed=seed, output_type="np", show_progress=False,
+                           **self.sampler, **embeds, **self.negative)
+        return np.asarray(result.images[0], dtype=np.float32)
+
+
+def load_engine(cfg: JobConfig, settings: dict[str, Any], *, device: str,
+                prompt_embeds: dict[str, Any] | None = None) -> Engine:
+    kind = engine_kind(cfg.model.path)
+    if kind == "bicubic":
+        return BicubicEngine(settings)
+    if kind == "plugin":
+        return _import(cfg.model.path)(settings)
+    return DiT4SREngine(cfg, settings, device=device, prompt_embeds=prompt_embeds or {})

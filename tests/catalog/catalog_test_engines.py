@@ -1,0 +1,72 @@
+"""Plug-in engines for the catalog tests (``model.path: catalog_test_engines:<factory>``).
+
+They wrap the bicubic engine and add one behaviour each. One-shot behaviours leave a marker file in
+``$CATALOG_TEST_MARKERS`` so that a restarted actor does not repeat them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+
+import numpy as np
+
+from pipeline.engine import BicubicEngine
+
+
+def _marker(name: str) -> pathlib.Path:
+    return pathlib.Path(os.environ["CATALOG_TEST_MARKERS"]) / name
+
+
+class _Wrapped(BicubicEngine):
+    calls = 0
+
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        self.calls += 1
+        self.before(image)
+        return super().upscale(image, seed=seed, prompt=prompt)
+
+    def before(self, image: np.ndarray) -> None:
+        pass
+
+
+class _CrashOnce(_Wrapped):
+    """Kills its own process (SIGKILL) on its second image — mid-batch — once per marker."""
+
+    def before(self, image: np.ndarray) -> None:
+        marker = _marker("crashed")
+        if self.calls == 2 and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_once(settings: dict) -> _CrashOnce:
+    return _CrashOnce(settings)
+
+
+class _Slow(_Wrapped):
+    def before(self, image: np.ndarray) -> None:
+        time.sleep(float(os.environ.get("CATALOG_TEST_SLOW_S", "0.25")))
+
+
+def slow(settings: dict) -> _Slow:
+    return _Slow(settings)
+
+
+class _GpuProbe(_Wrapped):
+    """Records which (fake) GPU ids Ray assigned to this actor process."""
+
+    def before(self, image: np.ndarray) -> None:
+        import ray
+
+        _marker(f"gpus-{os.getpid()}").write_text(",".join(map(str, ray.get_gpu_ids())))
+
+
+def gpu_probe(settings: dict) -> _GpuProbe:
+    return _GpuProbe(settings)
+
+
+def never_load(settings: dict):
+    raise AssertionError("the dry run must not load the model")

@@ -1,0 +1,154 @@
+"""Config validation, overrides, the fingerprint, safe keys, globbing and the output-inside-input guard."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, job_config
+from pipeline.config import ConfigError, fingerprint, load_config, validate_config
+from pipeline.engine import resolve_settings
+from pipeline.plan import check_output_outside_input, locations
+from pipeline.storage import Location, UnsafeKeyError, check_relative_key
+
+
+def test_embedded_default_config_is_valid():
+    cfg = load_config(REPO / "configs/local.yaml")
+    assert cfg.model.path == "bundled" and cfg.input.example_catalog and cfg.compute.gpus_per_actor == 0
+    assert load_config(REPO / "configs/s3_catalog.yaml").compute.gpus_per_actor == 1
+
+
+def test_unknown_key_and_wrong_type_are_named(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: {uri: a, includ: ['*']}\noutput: {uri: b}\nupscale: {steps: many}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert "input.includ: unknown key" in message
+    assert "upscale.steps" in message and "'many'" in message
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(REPO / "configs/local.yaml", ["upscale.steps=7", "compute.actors.max=3", "output.format=jpeg",
+                                             "input.exclude=['raw/**']"])
+    assert (cfg.upscale.steps, cfg.compute.actors.max, cfg.output.format) == (7, 3, "jpeg")
+    assert cfg.input.exclude == ["raw/**"]
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(REPO / "configs/local.yaml", ["upscale.steps"])
+    with pytest.raises(ConfigError, match="output.format"):
+        load_config(REPO / "configs/local.yaml", ["output.format=bmpx"])
+    with pytest.raises(ConfigError, match="compute.actors"):
+        load_config(REPO / "configs/local.yaml", ["compute.actors.min=4"])
+
+
+def _fingerprint(**sections) -> str:
+    return fingerprint(resolve_settings(validate_config(job_config("in", "out", **sections))))
+
+
+def test_fingerprint_tracks_output_settings_only():
+    base = _fingerprint()
+    assert base == _fingerprint(compute={"actors": {"min": 2, "max": 8}, "batch_size": 16, "gpus_per_actor": 1})
+    assert base == _fingerprint(run={"progress_interval_s": 99})
+    assert base != _fingerprint(upscale={"scale": 3})
+    assert base != _fingerprint(output={"format": "jpeg"})
+    assert _fingerprint(output={"format": "jpeg", "quality": 80}) != _fingerprint(output={"format": "jpeg"})
+    # the model's identity and the seed count for engines that use them
+    plugin = {"path": "catalog_test_engines:slow"}
+    assert _fingerprint(model=plugin) != base
+    assert _fingerprint(model=plugin, upscale={"seed": 1}) != _fingerprint(model=plugin)
+
+
+def test_bicubic_engine_rejects_a_prompt():
+    with pytest.raises(ConfigError, match="prompt"):
+        _fingerprint(upscale={"prompt": "a cat"})
+
+
+@pytest.mark.parametrize("key", ["../x.png", "a/../../x.png", "/abs.png", "a//b.png", "a/./b.png", "a\\b.png"])
+def test_unsafe_keys_are_refused(key):
+    with pytest.raises(UnsafeKeyError):
+        check_relative_key(key)
+
+
+def test_safe_keys_pass():
+    for key in ["a.png", "dir/sub/ünïcode name.jpg", "a..b.png", ".hidden/x.png"]:
+        assert check_relative_key(key) == key
+
+
+def test_listing_applies_include_and_exclude(tmp_path):
+    for key in ["a.png", "b.jpg", "raw/c.png", "raw/deep/d.png", "notes.txt"]:
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"x" * 3)
+    location = Location(str(tmp_path), {})
+    keys = [e.relative for e in location.list(include=["**/*.png", "*.jpg"], exclude=["raw/deep/**"])]
+    assert keys == ["a.png", "b.jpg", "raw/c.png"]
+    assert all(e.size == 3 and e.identity for e in location.list())
+
+
+def test_output_inside_input_is_refused_unless_excluded(tmp_path):
+    inside = validate_config(job_config(str(tmp_path), str(tmp_path / "upscaled")))
+    with pytest.raises(ConfigError, match="inside input.uri"):
+        check_output_outside_input(inside, *locations(inside))
+    same = validate_config(job_config(str(tmp_path), str(tmp_path)))
+    with pytest.raises(ConfigError, match="inside input.uri"):
+        check_output_outside_input(same, *locations(same))
+    excluded = validate_config(job_config(str(tmp_path), str(tmp_path / "upscaled"),
+                                          input={"exclude": ["upscaled/**"]}))
+    check_output_outside_input(excluded, *locations(excluded))
+    sibling = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "in-upscaled")))
+    check_output_outside_input(sibling, *locations(sibling))
+
+
+def test_output_keys_follow_the_format_and_collisions_are_rejected(tmp_path):
+    from pipeline.engine import resolve_settings
+    from pipeline.plan import make_plan
+
+    for key in ["a.png", "a.jpg", "b.JPG", "c.heic", "noext"]:
+        (tmp_path / "in" / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / key).write_bytes(b"x")
+    cfg = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out")))
+    plan = make_plan(cfg, resolve_settings(cfg), "r")
+    assert {row["source_key"]: row["output_key"] for row in plan.todo} == {
+        "a.jpg": "a.png", "b.JPG": "b.png", "c.heic": "c.png", "noext": "noext.png"}
+    [collision] = plan.rejected  # a.png would overwrite a.jpg's output (sorted first, so a.jpg keeps it)
+    assert (collision["source_key"], collision["error_type"]) == ("a.png", "output_collision")
+    assert "a.jpg" in collision["error_message"]
+
+    same = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out"), output={"format": "same"}))
+    plan = make_plan(same, resolve_settings(same), "r")
+    assert {row["source_key"]: row["output_key"] for row in plan.todo} == {
+        "a.png": "a.png", "a.jpg": "a.jpg", "b.JPG": "b.JPG", "c.heic": "c.heic", "noext": "noext"}
+
+
+def test_transient_errors_are_retried_and_permanent_ones_are_not():
+    from botocore.exceptions import ClientError
+
+    from pipeline.storage import with_retries
+
+    def flaky(errors: list[BaseException]):
+        calls = []
+
+        def operation():
+            calls.append(1)
+            if len(calls) <= len(errors):
+                raise errors[len(calls) - 1]
+            return "done"
+        return operation, calls
+
+    throttled = ClientError({"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}, "PutObject")
+    wrapped = OSError("S3 said no")
+    wrapped.__cause__ = ClientError({"Error": {"Code": "InternalError"}, "ResponseMetadata": {"HTTPStatusCode": 500}},
+                                    "GetObject")
+    operation, calls = flaky([ConnectionResetError("reset by peer"), throttled, wrapped, TimeoutError()])
+    assert with_retries(operation, base_delay=0.001) == "done" and len(calls) == 5
+
+    for permanent in (FileNotFoundError("gone"), PermissionError("denied"),
+                      ClientError({"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}},
+                                  "GetObject")):
+        operation, calls = flaky([permanent])
+        with pytest.raises(type(permanent)):
+            with_retries(operation, base_delay=0.001)
+        assert len(calls) == 1
+
+    operation, calls = flaky([ConnectionResetError()] * 10)
+    with pytest.raises(ConnectionResetError):
+        with_retries(operation, attempts=3, base_delay=0.001)
+    assert len(calls) == 3

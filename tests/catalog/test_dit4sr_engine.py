@@ -1,0 +1,103 @@
+"""The DiT4SR engine inside the catalog job: a tiny random model saved as a model root, and the bundled model."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, job_config, small_catalog, write_catalog
+from pipeline.config import ConfigError, fingerprint, load_config, validate_config
+from pipeline.engine import resolve_settings
+from pipeline.run import EXIT_OK, run_job
+
+RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_size": 8, "tile_overlap": 4,
+               "process_size": 16, "color_fix": "adain"}
+
+
+@pytest.fixture(scope="module")
+def tiny_model_root(tmp_path_factory) -> pathlib.Path:
+    from test_pipeline_tiny import pixel_pipeline, save_model_root, tiny_text_components
+
+    root = tmp_path_factory.mktemp("models") / "tiny-dit4sr"
+    save_model_root(_with_text(pixel_pipeline, tiny_text_components), root, recommended=RECOMMENDED,
+                    text_encoders=True)
+    return root
+
+
+def _with_text(make_pipeline, text_components):
+    from test_pipeline_tiny import null_embedding
+
+    pipe = make_pipeline()
+    for name, component in text_components().items():
+        setattr(pipe, name, component)
+    # as in real models, the stored null prompt has the encoders' sequence length (2 x 77 tokens)
+    pipe.null_prompt_embedding = null_embedding(tokens=154)
+    return pipe
+
+
+def _config(tmp_path: pathlib.Path, root: pathlib.Path, out: str = "out", **sections) -> dict:
+    return job_config(str(tmp_path / "in"), str(tmp_path / out), model={"path": str(root), "device": "cpu"},
+                      **sections)
+
+
+def test_null_settings_resolve_to_the_models_recommendations(tiny_model_root, tmp_path):
+    implicit = resolve_settings(validate_config(_config(tmp_path, tiny_model_root)))
+    assert implicit["num_inference_steps"] == 2 and implicit["tile_size"] == 8 and implicit["process_size"] == 16
+    explicit = resolve_settings(validate_config(_config(tmp_path, tiny_model_root, upscale={"steps": 2})))
+    assert fingerprint(implicit) == fingerprint(explicit)  # what ran is what counts
+    changed = resolve_settings(validate_config(_config(tmp_path, tiny_model_root, upscale={"steps": 3})))
+    assert fingerprint(changed) != fingerprint(implicit)
+
+
+@pytest.mark.slow
+def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_root, tmp_path):
+    files = small_catalog(4)
+    write_catalog(tmp_path / "in", files)
+    prompts = tmp_path / "prompts.csv"
+    first = sorted(files)[0]
+    prompts.write_text(f'source,prompt\n"{first}",a red cat photo\n')
+    sections = {"upscale": {"scale": 2, "seed": 7, "prompts_uri": str(prompts)},
+                "compute": {"batch_size": 2, "actors": {"min": 1, "max": 1}}}
+    assert run_job(validate_config(_config(tmp_path, tiny_model_root, **sections))) == EXIT_OK
+    rows = pq.read_table(sorted((tmp_path / "out").glob("_manifests/run=*/part-*.parquet"))).to_pandas()
+    assert set(rows.status) == {"ok"} and sorted(rows.source_key) == sorted(files)
+    assert ((rows.out_width == rows.width * 2) & (rows.out_height == rows.height * 2)).all()
+    # the per-source prompt has its own fingerprint; the others share the config's
+    by_key = rows.set_index("source_key").config_fingerprint
+    assert by_key[first] != by_key.drop(first).iloc[0] and by_key.drop(first).nunique() == 1
+
+    # the same inputs in other batches on another actor pool give the same bytes
+    other = {**sections, "compute": {"batch_size": 3, "actors": {"min": 2, "max": 2}}}
+    assert run_job(validate_config(_config(tmp_path, tiny_model_root, out="again", **other))) == EXIT_OK
+    for key in rows.output_key:
+        assert (tmp_path / "out" / key).read_bytes() == (tmp_path / "again" / key).read_bytes(), key
+
+
+def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
+    from test_pipeline_tiny import pixel_pipeline, save_model_root
+
+    root = tmp_path / "no-text"
+    save_model_root(pixel_pipeline(), root, recommended={**RECOMMENDED, "guidance_scale": 1.0})
+    resolve_settings(validate_config(_config(tmp_path, root)))  # no prompt, no guidance: fine
+    with pytest.raises(ConfigError, match="no text encoders"):
+        resolve_settings(validate_config(_config(tmp_path, root, upscale={"prompt": "a cat"})))
+    with pytest.raises(ConfigError, match="no text encoders"):
+        resolve_settings(validate_config(_config(tmp_path, root, upscale={"guidance_scale": 4.0})))
+
+
+@pytest.mark.slow
+def test_bundled_model_on_the_embedded_default(ray_local, tmp_path):
+    import dit4sr
+
+    if not os.path.isdir(dit4sr.BUNDLED_MODEL):
+        pytest.skip(f"the bundled model is not in this checkout yet ({dit4sr.BUNDLED_MODEL})")
+    overrides = [f"input.uri={tmp_path / 'catalog'}", f"output.uri={tmp_path / 'upscaled'}"]
+    cfg = load_config(REPO / "configs" / "local.yaml", overrides)
+    assert run_job(cfg) == EXIT_OK  # lays out the example catalog first
+    summary = json.loads(next((tmp_path / "upscaled").glob("_manifests/run=*/_summary.json")).read_text())
+    assert summary["ok"] >= 5 and summary["failed"] == 0
+    print(f"bundled model, embedded default: {summary['items_per_min']} items/min")

@@ -1,0 +1,103 @@
+import shutil
+import subprocess
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from dit4sr.cli import main
+
+
+def _image(path, size=(20, 16), seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = tmp_path / "in"
+    _image(folder / "a.png", seed=1)
+    _image(folder / "nested" / "b.jpg", size=(12, 12), seed=2)
+    _image(folder / "gray.png", size=(8, 10), seed=3, mode="L")
+    return folder
+
+
+def _partials(folder):
+    return [p for p in folder.rglob("*") if p.name.startswith(".") or p.suffix == ".partial"]
+
+
+def test_directory_input_writes_x4_pngs_mirroring_the_tree(tmp_path, inputs, tiny_model_root, capsys):
+    out = tmp_path / "out"
+    assert main([str(inputs), "-o", str(out), "--model", str(tiny_model_root), "--device", "cpu"]) == 0
+    assert Image.open(out / "a.png").size == (80, 64)
+    assert Image.open(out / "nested" / "b.png").size == (48, 48)
+    assert Image.open(out / "gray.png").mode == "RGB"
+    assert not _partials(out)
+    assert "3 written" in capsys.readouterr().err
+
+
+def test_bad_inputs_fail_alone_with_one_line_each(tmp_path, inputs, tiny_model_root, capsys):
+    (inputs / "not_an_image.png").write_text("hello")
+    good = (inputs / "a.png").read_bytes()
+    (inputs / "truncated.png").write_bytes(good[: len(good) // 2])
+    big = _image(tmp_path / "big.png", size=(64, 64))
+    out = tmp_path / "out"
+    code = main([str(inputs), str(big), str(tmp_path / "missing.png"), "-o", str(out),
+                 "--model", str(tiny_model_root), "--device", "cpu", "--max-pixels", "1000", "--quiet"])
+    assert code == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if "FAILED" in line]
+    reasons = {line.split("FAILED ")[1].split(":")[0]: line for line in failed}
+    assert set(reasons) == {str(inputs / "not_an_image.png"), str(inputs / "truncated.png"), str(big),
+                            str(tmp_path / "missing.png")}
+    assert "not a recognised image" in reasons[str(inputs / "not_an_image.png")]
+    assert "truncated" in reasons[str(inputs / "truncated.png")]
+    assert "--max-pixels 1000" in reasons[str(big)]
+    assert "no such file" in reasons[str(tmp_path / "missing.png")]
+    # The good inputs were still written, and nothing else.
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == ["a.png", "gray.png", "nested/b.png"]
+
+
+def test_same_seed_gives_same_bytes_and_fsspec_urls_work(tmp_path, inputs, tiny_model_root):
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/cli-test/photos/a.png", (inputs / "a.png").read_bytes())
+    args = ["--model", str(tiny_model_root), "--device", "cpu", "--seed", "7", "--quiet"]
+    assert main(["memory://cli-test/photos/", "-o", str(tmp_path / "one"), *args]) == 0
+    assert main([str(inputs / "a.png"), "-o", str(tmp_path / "two"), *args]) == 0
+    assert (tmp_path / "one" / "a.png").read_bytes() == (tmp_path / "two" / "a.png").read_bytes()
+
+
+def test_duplicate_output_names_fail_the_later_input(tmp_path, inputs, tiny_model_root, capsys):
+    other = _image(tmp_path / "elsewhere" / "a.png", seed=9)
+    code = main([str(inputs / "a.png"), str(other), "-o", str(tmp_path / "out"), "--model", str(tiny_model_root),
+                 "--device", "cpu", "--quiet"])
+    assert code == 1
+    assert "already taken" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, inputs, tiny_model_root):
+    out = tmp_path / "out"
+    (out / "a.png").mkdir(parents=True)  # the final name is taken by a directory: the rename must fail
+    code = main([str(inputs / "a.png"), "-o", str(out), "--model", str(tiny_model_root), "--device", "cpu",
+                 "--quiet"])
+    assert code == 1
+    assert not _partials(out) and (out / "a.png").is_dir()
+
+
+def test_unloadable_model_exits_2(tmp_path, inputs, capsys):
+    assert main([str(inputs / "a.png"), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "nope")]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+
+
+def test_console_script_end_to_end(tmp_path, inputs, tiny_model_root):
+    script = shutil.which("dit4sr-upscale") or pytest.skip("console script not installed")
+    result = subprocess.run([script, str(inputs / "a.png"), "-o", str(tmp_path / "out"), "--model",
+                             str(tiny_model_root), "--steps", "1", "--tile-size", "16", "--tile-overlap", "4",
+                             "--color-fix", "none", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "out" / "a.png").size == (80, 64)

@@ -1,0 +1,273 @@
+"""DiT4SRPipeline end to end with tiny random components: sizes, tiling, determinism, parameterisations,
+settings precedence, prompts and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_pipeline_tiny import (null_embedding, pixel_pipeline, tiny_pipeline, tiny_text_components,
+                                tiny_transformer)
+
+from dit4sr import SAMPLER_VERSION, DiT4SRTransformerOutput, compose_prompt
+from dit4sr.devices import resolve_device, resolve_dtype
+from dit4sr.pipeline_dit4sr import OFFICIAL_SETTINGS
+from dit4sr.prompt_cache import PromptEncoder
+from dit4sr.tiling import whole_image_noise
+
+# process_size=0 skips the official short-side raise (to 512 px) so that tests stay small and fast.
+FAST = dict(num_inference_steps=2, guidance_scale=1.0, show_progress=False, output_type="np", process_size=0)
+
+
+@pytest.fixture(autouse=True)
+def few_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_image(height, width, channels=3, seed=0):
+    return (np.random.default_rng(seed).random((height, width, channels)) * 255).astype(np.uint8)
+
+
+def lr_latents_of(pipe, height, width, seed=0):
+    return torch.randn(1, pipe.transformer.config.in_channels, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def denoise(pipe, lr, **settings):
+    settings = pipe.effective_settings(**{"num_inference_steps": 3, "guidance_scale": 1.0, **settings})
+    cond = tuple(t[None] for t in (pipe.null_prompt_embedding.prompt_embeds, pipe.null_prompt_embedding.pooled_prompt_embeds))
+    with torch.no_grad(), __import__("tqdm").tqdm(disable=True) as progress:
+        return pipe._denoise(lr, settings, cond, None, seed=7, progress=progress)
+
+
+def reference_untiled(pipe, lr, steps=3, seed=7):
+    """The untiled official loop: the whole latent through the transformer at every step."""
+    cond = pipe.null_prompt_embedding
+    pipe.scheduler.set_timesteps(steps)
+    latents = whole_image_noise(lr.shape, seed)
+    with torch.no_grad():
+        for t in pipe.scheduler.timesteps:
+            out = pipe.transformer(latents, lr, cond.prompt_embeds[None], cond.pooled_prompt_embeds[None],
+                                   t.expand(1)).sample
+            latents = pipe.scheduler.step(out, t, latents, return_dict=False)[0]
+    return latents
+
+
+def test_one_tile_covering_the_latent_equals_untiled_sampling():
+    pipe = tiny_pipeline()
+    lr = lr_latents_of(pipe, 24, 40)
+    tiled = denoise(pipe, lr, tile_size=(24, 40), tile_overlap=8)
+    assert torch.equal(tiled, reference_untiled(pipe, lr))
+
+
+def test_overlapping_tiles_blend_to_the_whole_image_prediction():
+    # A model whose prediction is a function of the global position (here the LR latent itself): every
+    # tile agrees where tiles overlap, so normalised blending must reproduce it exactly: x_end = noise - lr.
+    pipe = tiny_pipeline()
+    pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(sample=lr.float())
+    lr = lr_latents_of(pipe, 30, 52)
+    out = denoise(pipe, lr, tile_size=(16, 20), tile_overlap=(6, 8), tile_batch_size=3)
+    torch.testing.assert_close(out, whole_image_noise(lr.shape, 7) - lr, atol=1e-5, rtol=0)
+
+
+def test_constant_prediction_with_official_and_symmetric_weights():
+    pipe = tiny_pipeline()
+    pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(
+        sample=torch.full_like(hidden, 0.25))
+    lr = lr_latents_of(pipe, 26, 34)
+    for weighting in ("official", "symmetric"):
+        out = denoise(pipe, lr, tile_size=16, tile_overlap=10, tile_weighting=weighting)
+        torch.testing.assert_close(out, whole_image_noise(lr.shape, 7) - 0.25, atol=1e-5, rtol=0)
+
+
+def test_x0_residual_parameterisation_lands_on_the_lr_latent():
+    # prediction_type="sample" with lr_residual: a zero output means x0 = LR latent, so Euler steps
+    # converted from x0 to velocity must end exactly there.
+    pipe = tiny_pipeline(transformer=tiny_transformer(prediction_type="sample", lr_residual=True))
+    pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(
+        sample=torch.zeros_like(hidden))
+    lr = lr_latents_of(pipe, 20, 28)
+    torch.testing.assert_close(denoise(pipe, lr, tile_size=16, tile_overlap=4), lr, atol=1e-5, rtol=0)
+    torch.testing.assert_close(denoise(pipe, lr, start_point="lr"), lr, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(37, 53), (300, 170), (1, 1), (5, 2)])
+def test_output_is_exactly_upscale_times_input(size):
+    height, width = size
+    pipe = tiny_pipeline()
+    out = pipe(random_image(height, width), upscale=4, tile_batch_size=4, **{**FAST, "process_size": 512}).images[0]
+    assert out.shape == (4 * height, 4 * width, 3) and out.dtype == np.float32
+    assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+def test_non_integer_upscale_and_pil_output():
+    pipe = tiny_pipeline()
+    out = pipe(Image.fromarray(random_image(40, 30)), upscale=2.5, **{**FAST, "output_type": "pil"}).images[0]
+    assert out.size == (75, 100) and out.mode == "RGB"
+
+
+def test_processing_geometry_follows_the_official_script():
+    pipe = tiny_pipeline()  # VAE factor 8
+    # short side < 512 // 4 = 128: raised to 128 first, then x4, then rounded down to a multiple of 8
+    assert pipe.resize_plan(53, 37, 4, 512) == [(183, 128), (732, 512), (728, 512)]
+    assert pipe.resize_plan(300, 170, 4, 512) == [(1200, 680), (1200, 680)]
+    assert pipe.resize_plan(1, 1, 4, 512) == [(128, 128), (512, 512), (512, 512)]
+
+
+def test_same_seed_same_bytes_other_seed_differs():
+    pipe = tiny_pipeline()
+    image = random_image(37, 53)
+    tiles = dict(tile_size=12, tile_overlap=4, tile_batch_size=4)
+    first = pipe(image, seed=3, **tiles, **FAST).images[0]
+    second = pipe(image, seed=3, **tiles, **FAST).images[0]
+    other = pipe(image, seed=4, **tiles, **FAST).images[0]
+    assert first.tobytes() == second.tobytes()
+    assert np.abs(first - other).mean() > 1e-3
+
+
+def test_tile_batch_size_changes_at_most_rounding():
+    # Measured: max difference 2.6e-6 (float, CPU). Bound asserted: one 8-bit level (1/255).
+    pipe = tiny_pipeline()
+    image = random_image(37, 53)
+    tiles = dict(tile_size=12, tile_overlap=4)  # a 2 x 3 grid on the 18 x 26 latent
+    singles = pipe(image, tile_batch_size=1, **tiles, **FAST).images[0]
+    batched = pipe(image, tile_batch_size=16, **tiles, **FAST).images[0]
+    assert np.abs(singles - batched).max() <= 1 / 255
+
+
+def test_guidance_uses_negative_embeddings_in_one_call():
+    pipe = tiny_pipeline()
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *args: calls.append(args[0].shape[0]) or forward(*args)
+    negative = null_embedding(seed=5)
+    image = random_image(20, 20)
+    guided = pipe(image, negative_prompt_embeds=negative.prompt_embeds,
+                  negative_pooled_prompt_embeds=negative.pooled_prompt_embeds, tile_batch_size=8,
+                  **{**FAST, "guidance_scale": 4.0}).images[0]
+    assert set(calls) == {2}  # one tile per image here: conditional + unconditional halves together
+    plain = pipe(image, **FAST).images[0]
+    assert np.abs(guided - plain).mean() > 1e-3
+    with pytest.raises(ValueError, match="negative prompt"):
+        pipe(image, **{**FAST, "guidance_scale": 4.0})
+
+
+def test_pixel_autoencoder_path_and_residual_model():
+    pipe = pixel_pipeline(prediction_type="sample", lr_residual=True)
+    out = pipe(random_image(30, 22), upscale=4, **FAST).images[0]
+    assert out.shape == (120, 88, 3)
+
+
+def test_recommended_settings_precedence():
+    pipe = tiny_pipeline()
+    assert pipe.effective_settings()["num_inference_steps"] == OFFICIAL_SETTINGS["num_inference_steps"] == 40
+    pipe.recommended_settings = {"num_inference_steps": 1, "color_fix": "none", "tile_size": 32}
+    settings = pipe.effective_settings(color_fix="wavelet")
+    assert (settings["num_inference_steps"], settings["color_fix"], settings["tile_size"]) == (1, "wavelet", 32)
+    assert settings["guidance_scale"] == 8.0
+    one_step = pipe(random_image(16, 16), guidance_scale=1.0, show_progress=False, output_type="np", process_size=0).images[0]
+    explicit = pipe(random_image(16, 16), color_fix="none", tile_size=32,
+                    **{**FAST, "num_inference_steps": 1}).images[0]
+    assert one_step.tobytes() == explicit.tobytes()
+
+
+def test_list_input_matches_single_calls():
+    pipe = tiny_pipeline()
+    images = [random_image(12, 20, seed=1), random_image(18, 10, seed=2)]
+    together = pipe(images, **FAST).images
+    assert [a.tobytes() for a in together] == [pipe(i, **FAST).images[0].tobytes() for i in images]
+
+
+def test_alpha_is_upscaled_separately_and_reattached():
+    pipe = tiny_pipeline()
+    rgba = random_image(16, 24, channels=4)
+    rgba[:, :12, 3] = 0
+    rgba[:, 12:, 3] = 255
+    out = pipe(rgba, **FAST).images[0]
+    assert out.shape == (64, 96, 4)
+    assert out[:, :40, 3].max() < 0.01 and out[:, 56:, 3].min() > 0.99
+    pil = pipe(Image.fromarray(rgba, "RGBA"), **{**FAST, "output_type": "pil"}).images[0]
+    assert pil.mode == "RGBA" and pil.size == (96, 64)
+
+
+def test_text_encoders_and_prompt_embeddings_agree():
+    components = tiny_text_components()
+    pipe = tiny_pipeline(**components)
+    encoder = PromptEncoder(*(components[k] for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                                      "text_encoder_3", "tokenizer_3")))
+    text = compose_prompt("a red cat", "sharp clean")
+    assert text == "a red cat sharp clean"
+    embedding = encoder.encode([text])[0]
+    image = random_image(16, 16)
+    encoded = pipe(image, prompt="a red cat", added_prompt="sharp clean", **FAST).images[0]
+    bare = tiny_pipeline()
+    given = bare(image, prompt_embeds=embedding.prompt_embeds, pooled_prompt_embeds=embedding.pooled_prompt_embeds,
+                 **FAST).images[0]
+    assert encoded.tobytes() == given.tobytes()
+    assert pipe.prompt_texts("a red cat", added_prompt="sharp clean", guidance_scale=3.0) == (
+        "a red cat sharp clean", OFFICIAL_SETTINGS["negative_prompt"])
+
+
+def test_prompt_without_text_encoders_is_a_clear_error():
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match="needs text encoders"):
+        pipe(random_image(8, 8), prompt="a red cat", **FAST)
+    pipe.null_prompt_embedding = None
+    with pytest.raises(ValueError, match="null-prompt"):
+        pipe(random_image(8, 8), **FAST)
+
+
+def test_nan_model_output_is_reported():
+    pipe = tiny_pipeline()
+    pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(
+        sample=torch.full_like(hidden, float("nan")))
+    with pytest.raises(FloatingPointError, match="NaN"):
+        pipe(random_image(8, 8), **FAST)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(upscale=0.5), "upscale"),
+    (dict(upscale=float("nan")), "upscale"),
+    (dict(tile_size=16, tile_overlap=16), "tile_overlap"),
+    (dict(tile_size=15, tile_overlap=4), "multiple of the transformer patch size"),
+    (dict(tile_size=200), "positional embedding"),
+    (dict(color_fix="sepia"), "color_fix"),
+    (dict(start_point="middle"), "start_point"),
+    (dict(tile_batch_size=0), "tile_batch_size"),
+    (dict(output_type="latent"), "output_type"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+])
+def test_bad_settings_raise_value_errors(kwargs, match):
+    pipe = tiny_pipeline()
+    with pytest.raises(ValueError, match=match):
+        pipe(random_image(40, 40), **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((0, 5, 3), np.uint8), "empty"),
+    (np.zeros((5, 5, 5), np.uint8), "shape"),
+    (np.zeros((5, 5, 3), np.int32), "dtype"),
+    (np.full((5, 5, 3), np.nan, np.float32), "NaN"),
+    ([], "no images"),
+])
+def test_bad_images_raise_value_errors(image, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_pipeline()(image, **FAST)
+
+
+def test_devices_and_dtypes():
+    assert resolve_device("cpu").type == "cpu"
+    expected = ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None).type == resolve_device("auto").type == expected
+    assert resolve_dtype(None, "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(torch.float16) == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_sampler_version_is_a_string():
+    assert isinstance(SAMPLER_VERSION, str) and SAMPLER_VERSION
