@@ -20,13 +20,21 @@ Where the official code stops working it keeps going:
 
 Settings left as ``None`` resolve as: caller's value > the model's ``recommended_settings.json`` > the
 official default (``OFFICIAL_SETTINGS``). Inputs smaller than the processing size are scaled up by the
-short-side rule, so even a 1x1 image works; empty images raise ``ValueError``.
+short-side rule (and never below one latent patch), so even a 1x1 image works; empty images raise
+``ValueError``.
+
+Deliberate differences from the official script, none of which changes the method: resizes use Pillow's
+bicubic kernel in float without 8-bit rounding between steps; guidance is combined per tile batch before
+blending (linear, so equal up to rounding); the ``added_prompt`` suffix is appended to non-empty prompts only
+(an empty prompt is the null prompt); where a latent side is shorter than the tile, the tile is clipped on
+that side instead of shrunk to a square.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -42,11 +50,16 @@ from tqdm.auto import tqdm
 from .color_fix import COLOR_FIXES, apply_color_fix
 from .devices import resolve_device, resolve_dtype
 from .image_processing import resize_bicubic, to_float_rgb, to_pil
-from .models import DiT4SRTransformer2DModel
+from .models import DiT4SRTransformer2DModel, PixelUnshuffleAutoencoder
 from .parameterization import predicted_velocity
 from .prompt_cache import PromptEmbedding, load_null_prompt_embedding
 from .storage import local_copy
-from .tiling import TILE_WEIGHTINGS, normalized_tile_weights, plan_tiles, whole_image_noise
+from .tiling import (
+    TILE_WEIGHTINGS,
+    normalized_tile_weights,
+    plan_tiles,
+    whole_image_noise,
+)
 from .vae_tiling import VAE_TILINGS, decode_latents, encode_image
 
 # Bump whenever a sampler change alters output bytes (the catalog folds it into its config fingerprint).
@@ -80,6 +93,7 @@ START_POINTS = ("noise", "lr")
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 # Activation budget per tile batch for the automatic tile_batch_size: tokens x width x this many bytes.
 _BYTES_PER_TOKEN_CHANNEL = 24
+_CPU_ACTIVATION_BUDGET = 2 << 30
 
 
 @dataclass
@@ -126,7 +140,7 @@ def _component_class(library: str, name: str):
 def _load_component(root: str, name: str, spec: list, dtype: torch.dtype, storage_options) -> Any:
     cls = _component_class(*spec)
     folder = local_copy(root, name, storage_options)
-    if cls.__name__.endswith("Tokenizer") or "Tokenizer" in cls.__name__ or "Scheduler" in cls.__name__:
+    if not issubclass(cls, torch.nn.Module):  # tokenizers, schedulers
         return cls.from_pretrained(folder)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder))
     if not has_weights:  # parameter-free modules such as PixelUnshuffleAutoencoder
@@ -141,7 +155,7 @@ class DiT4SRPipeline(DiffusionPipeline):
     def __init__(
         self,
         transformer: DiT4SRTransformer2DModel,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | PixelUnshuffleAutoencoder,
         scheduler: FlowMatchEulerDiscreteScheduler,
         text_encoder=None,
         tokenizer=None,
@@ -183,7 +197,7 @@ class DiT4SRPipeline(DiffusionPipeline):
         device: str | torch.device | None = None,
         storage_options: dict[str, Any] | None = None,
         load_text_encoders: bool = False,
-    ) -> "DiT4SRPipeline":
+    ) -> DiT4SRPipeline:
         """Load a pipeline from a local path or fsspec URL (or ``"bundled"``, the model shipped in the package).
 
         * Our layout: one root with ``model_index.json`` and ``transformer/``, ``vae/``, ``scheduler/``.
@@ -334,17 +348,18 @@ class DiT4SRPipeline(DiffusionPipeline):
         return x
 
     def _tile_batch_size(self, requested: int | None, tiles: int, tokens: int, device: torch.device) -> int:
-        """Tiles per transformer call. Auto: all tiles within an activation budget of a quarter of the
-        GPU's total memory (a fixed property, so results are reproducible), 8 on the CPU."""
+        """Tiles per transformer call. Auto: as many as fit an activation budget of a quarter of the GPU's
+        total memory (2 GiB on the CPU) — fixed properties, so the choice and the output are reproducible."""
         if requested is not None:
             if int(requested) < 1:
                 raise ValueError(f"tile_batch_size must be >= 1, got {requested}")
             return min(int(requested), tiles)
-        if device.type != "cuda":
-            return min(8, tiles)
         width = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
         per_tile = tokens * width * _BYTES_PER_TOKEN_CHANNEL
-        budget = torch.cuda.get_device_properties(device).total_memory // 4
+        if device.type == "cuda":
+            budget = torch.cuda.get_device_properties(device).total_memory // 4
+        else:
+            budget = _CPU_ACTIVATION_BUDGET
         return max(1, min(tiles, budget // per_tile))
 
     # -- sampling -----------------------------------------------------------------------------------
@@ -370,7 +385,26 @@ class DiT4SRPipeline(DiffusionPipeline):
         v_uncond, v_cond = velocity.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
-    def _denoise(self, lr_latents, settings, cond, uncond, seed, progress) -> torch.Tensor:
+    def _step(self, latents, lr_tiles, tile_slices, weights, batch_size, step, timestep, sigmas, cond, uncond,
+              guidance_scale, progress) -> torch.Tensor:
+        """One Euler step over all tiles: gather, predict in batches, blend, step the whole latent."""
+        tiles = torch.cat([latents[:, :, ys, xs] for ys, xs in tile_slices])
+        velocity = torch.zeros_like(latents) if len(tile_slices) > 1 else None
+        for start in range(0, len(tile_slices), batch_size):
+            stop = min(start + batch_size, len(tile_slices))
+            predicted = self._velocity(tiles[start:stop], lr_tiles[start:stop], timestep, sigmas[step],
+                                       cond, uncond, guidance_scale)
+            if velocity is None:
+                velocity = predicted
+            else:
+                # Fixed tile order, whatever the batching: batch size only changes rounding in the model.
+                for j in range(stop - start):
+                    ys, xs = tile_slices[start + j]
+                    velocity[:, :, ys, xs].addcmul_(predicted[j:j + 1], weights[start + j])
+            progress.update(stop - start)
+        return self.scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+
+    def _denoise(self, lr_latents, settings, cond, uncond, seed, show_progress) -> torch.Tensor:
         device = lr_latents.device
         config = self.transformer.config
         _, channels, height, width = lr_latents.shape
@@ -391,30 +425,18 @@ class DiT4SRPipeline(DiffusionPipeline):
             latents = (1.0 - sigmas[0]) * lr_latents + sigmas[0] * noise
         else:
             latents = noise
-        progress.reset(total=len(scheduler.timesteps) * len(grid))
-        for step, timestep in enumerate(scheduler.timesteps):
-            tiles = torch.cat([latents[:, :, ys, xs] for ys, xs in tile_slices])
-            velocity = torch.zeros_like(latents) if len(grid) > 1 else None
-            for start in range(0, len(grid), batch_size):
-                stop = min(start + batch_size, len(grid))
-                predicted = self._velocity(tiles[start:stop], lr_tiles[start:stop], timestep, sigmas[step],
-                                           cond, uncond, settings["guidance_scale"])
-                if velocity is None:
-                    velocity = predicted
-                else:
-                    # Fixed tile order, whatever the batching: batch size only changes rounding in the model.
-                    for j in range(stop - start):
-                        ys, xs = tile_slices[start + j]
-                        velocity[:, :, ys, xs] += predicted[j:j + 1] * weights[start + j]
-                progress.update(stop - start)
-            latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+        with tqdm(total=len(scheduler.timesteps) * len(grid), desc="DiT4SR", unit="tile",
+                  disable=not show_progress) as progress:
+            for step, timestep in enumerate(scheduler.timesteps):
+                latents = self._step(latents, lr_tiles, tile_slices, weights, batch_size, step, timestep, sigmas,
+                                     cond, uncond, settings["guidance_scale"], progress)
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
                 "the transformer produced NaN or infinite values; the model weights may be broken or the dtype "
                 f"({self.transformer.dtype}) may overflow — try torch_dtype='float32' or 'bfloat16'")
         return latents
 
-    def _upscale_one(self, rgb, alpha, upscale, settings, cond, uncond, seed, progress) -> np.ndarray:
+    def _upscale_one(self, rgb, alpha, upscale, settings, cond, uncond, seed, show_progress) -> np.ndarray:
         device = self._execution_device
         height, width = rgb.shape[:2]
         target = (max(1, round(height * upscale)), max(1, round(width * upscale)))
@@ -426,11 +448,11 @@ class DiT4SRPipeline(DiffusionPipeline):
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         lr_latents = ((latent_dist_mean.float() - shift) * vae_config.scaling_factor)
 
-        latents = self._denoise(lr_latents, settings, cond, uncond, seed, progress)
+        latents = self._denoise(lr_latents, settings, cond, uncond, seed, show_progress)
         decoded = decode_latents(self.vae, latents / vae_config.scaling_factor + shift, settings["vae_tiling"])
-        restored = (decoded.float() / 2.0 + 0.5).clamp(0.0, 1.0)
-        if not torch.isfinite(restored).all():
+        if not torch.isfinite(decoded).all():
             raise FloatingPointError(f"the VAE decoder produced NaN or infinite values in {self.vae.dtype}")
+        restored = (decoded.float() / 2.0 + 0.5).clamp(0.0, 1.0)
         restored = apply_color_fix(settings["color_fix"], restored, lr_image).clamp(0.0, 1.0)
         restored = resize_bicubic(restored, target).clamp(0.0, 1.0)
         if alpha is not None:
@@ -440,7 +462,7 @@ class DiT4SRPipeline(DiffusionPipeline):
 
     @staticmethod
     def _check_settings(upscale, settings, output_type):
-        if isinstance(upscale, bool) or not isinstance(upscale, (int, float)) or not math.isfinite(upscale) \
+        if isinstance(upscale, bool) or not isinstance(upscale, numbers.Real) or not math.isfinite(upscale) \
                 or upscale < 1:
             raise ValueError(f"upscale must be a number >= 1, got {upscale!r}")
         if int(settings["num_inference_steps"]) < 1:
@@ -507,15 +529,13 @@ class DiT4SRPipeline(DiffusionPipeline):
         cond, uncond = self._conditioning(
             prompt, settings["negative_prompt"], settings["added_prompt"], settings["guidance_scale"],
             prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
-        as_batch = lambda e: (e.prompt_embeds[None].to(device, self.transformer.dtype),  # noqa: E731
-                              e.pooled_prompt_embeds[None].to(device, self.transformer.dtype))
-        cond = as_batch(cond)
-        uncond = as_batch(uncond) if uncond is not None else None
+        dtype = self.transformer.dtype
+        cond, uncond = ((e.prompt_embeds[None].to(device, dtype), e.pooled_prompt_embeds[None].to(device, dtype))
+                        if e is not None else None for e in (cond, uncond))
 
         outputs = []
-        with tqdm(total=0, desc="DiT4SR", unit="tile", disable=not show_progress) as progress:
-            for rgb, alpha in inputs:
-                result = self._upscale_one(rgb, alpha, upscale, settings, cond, uncond, int(seed), progress)
-                outputs.append(to_pil(result[..., :3], result[..., 3] if alpha is not None else None)
-                               if output_type == "pil" else result)
+        for rgb, alpha in inputs:
+            result = self._upscale_one(rgb, alpha, upscale, settings, cond, uncond, int(seed), show_progress)
+            outputs.append(to_pil(result[..., :3], result[..., 3] if alpha is not None else None)
+                           if output_type == "pil" else result)
         return DiT4SRPipelineOutput(images=outputs)

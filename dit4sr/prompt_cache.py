@@ -53,6 +53,7 @@ FORMAT = "dit4sr-prompt-embedding/1"
 NULL_EMBEDDING_PATH = "prompt_embeds/null.safetensors"
 OFFICIAL_NULL_FILES = ("NULL_prompt_embeds.pt", "NULL_pooled_prompt_embeds.pt")
 DEFAULT_MAX_SEQUENCE_LENGTH = 77
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "torch_dtype", "dtype"}
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class PromptEmbedding:
             )
 
     @classmethod
-    def from_tensors(cls, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> "PromptEmbedding":
+    def from_tensors(cls, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> PromptEmbedding:
         """Accepts an optional leading batch dimension of 1 on either tensor."""
         if prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == 1:
             prompt_embeds = prompt_embeds[0]
@@ -82,7 +83,7 @@ class PromptEmbedding:
         return save_safetensors(tensors, metadata={"format": FORMAT, **(metadata or {})})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "PromptEmbedding":
+    def from_bytes(cls, data: bytes) -> PromptEmbedding:
         tensors = load_safetensors(data)
         missing = {"prompt_embeds", "pooled_prompt_embeds"} - tensors.keys()
         if missing:
@@ -144,7 +145,7 @@ class PromptEmbeddingCache:
         _write_atomic(self.fs, path, embedding.to_bytes({"prompt": prompt, "encoder_id": encoder_id}))
         return path
 
-    def encode_missing(self, prompts: Iterable[str], encoder: "PromptEncoder",
+    def encode_missing(self, prompts: Iterable[str], encoder: PromptEncoder,
                        batch_size: int = 16) -> dict[str, PromptEmbedding]:
         """Embeddings for every distinct prompt, encoding (and storing) only those not cached yet."""
         result: dict[str, PromptEmbedding] = {}
@@ -190,7 +191,11 @@ class PromptEncoder:
         sd3 = self._sd3
         parts = [str(self.max_sequence_length)]
         for encoder in (sd3.text_encoder, sd3.text_encoder_2, sd3.text_encoder_3):
-            parts += [type(encoder).__name__, encoder.config.to_json_string(use_diff=False), _weights_digest(encoder)]
+            # Where the model was loaded from and with which library version does not change what it computes.
+            config = {k: v for k, v in encoder.config.to_dict().items()
+                      if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+            parts += [type(encoder).__name__, json.dumps(config, sort_keys=True, default=str),
+                      _weights_digest(encoder)]
         for tokenizer in (sd3.tokenizer, sd3.tokenizer_2, sd3.tokenizer_3):
             parts += [type(tokenizer).__name__, str(len(tokenizer)), str(tokenizer.model_max_length),
                       json.dumps(tokenizer.get_vocab(), sort_keys=True)]
@@ -199,14 +204,14 @@ class PromptEncoder:
     @classmethod
     def from_pretrained(cls, root: str, torch_dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None,
-                        storage_options: dict[str, Any] | None = None, **kwargs: Any) -> "PromptEncoder":
+                        storage_options: dict[str, Any] | None = None, **kwargs: Any) -> PromptEncoder:
         """Load the text encoders and tokenizers of a Stable Diffusion 3(.5) root (local path or fsspec URL)."""
         import transformers
 
         device = resolve_device(device)
         dtype = resolve_dtype(torch_dtype, device)
-        index = json.loads(fsspec.open(f"{str(root).rstrip('/')}/model_index.json", "rb",
-                                       **(storage_options or {})).open().read())
+        with fsspec.open(f"{str(root).rstrip('/')}/model_index.json", "rb", **(storage_options or {})) as f:
+            index = json.load(f)
         components = {}
         for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3"):
             if not index.get(name) or index[name][0] is None:
@@ -231,7 +236,7 @@ class PromptEncoder:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def __enter__(self) -> "PromptEncoder":
+    def __enter__(self) -> PromptEncoder:
         return self
 
     def __exit__(self, *exc) -> None:

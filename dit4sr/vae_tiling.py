@@ -22,6 +22,7 @@ tile. The latent is the *mean* of the posterior, never a sample. Other autoencod
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -96,10 +97,9 @@ class _GroupStats:
         self.count = total
 
     def normalize(self, norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        batch, channels, height, width = x.shape
         mean = self.mean.float()[None, :, None]
         inv_std = torch.rsqrt((self.m2 / self.count).float() + norm.eps)[None, :, None]
-        out = ((x.float().reshape(batch, norm.num_groups, -1) - mean) * inv_std).reshape(x.shape)
+        out = ((x.float().reshape(x.shape[0], norm.num_groups, -1) - mean) * inv_std).reshape(x.shape)
         if norm.affine:
             out = out * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]
         return out.to(x.dtype)
@@ -109,8 +109,7 @@ class _GroupStats:
 def _cores(size: int, tile: int, align: int) -> list[tuple[int, int]]:
     count = math.ceil(size / tile)
     step = math.ceil(size / count / align) * align
-    edges = list(range(0, size, step)) + [size]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise([*range(0, size, step), size]))
 
 
 @dataclass
@@ -172,7 +171,9 @@ def run_tiled(ops: list[_Op], x: torch.Tensor, scale: tuple[int, int], tile: int
             if accumulated is not None:
                 core = t.core_of(h)
                 accumulated.add(core.reshape(core.shape[0], next_norm.num_groups, -1))
-            t.current, t.residual = h.to(park), None if residual is None else residual.to(park)
+            parked = h.to(park)
+            # Right after a "save" the residual is the activation itself: park it once.
+            t.current, t.residual = parked, parked if residual is h else None if residual is None else residual.to(park)
         stats = accumulated
 
     num, den = scale

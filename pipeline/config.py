@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp", "tiff", "bmp", "gif", "avif", "heic", "same")
+from .media import OUTPUT_FORMATS
+
 
 
 class ConfigError(ValueError):

@@ -111,24 +111,24 @@ def compact_run(output: Location, run_id: str) -> None:
             run.remove(key)
 
 
-def read_manifests(output: Location, columns: list[str] | None = None) -> pa.Table:
-    """All committed manifest rows of all runs (temp files are never matched: they are hidden dot-files)."""
+def read_manifests(output: Location, columns: list[str] | None = None, where: pads.Expression | None = None
+                   ) -> pa.Table:
+    """Committed manifest rows of all runs (temp files are never matched: they are hidden dot-files)."""
     manifests = Location(output.url(MANIFEST_DIR), output.storage_options)
     parts = [entry.relative for entry in manifests.list(include=["**/part-*.parquet"])]
     if not parts:
         return SCHEMA.empty_table().select(columns or COLUMNS)
     dataset = pads.dataset([manifests.path(key) for key in parts], schema=SCHEMA, format="parquet",
                            filesystem=manifests.fs)
-    return dataset.to_table(columns=columns)
+    return dataset.to_table(columns=columns, filter=where)
 
 
 def latest_ok(output: Location) -> dict[str, dict[str, Any]]:
     """For each source key, its most recent ``ok`` row (what the output object should currently hold)."""
     columns = ["source_key", "source_size", "source_etag_or_mtime", "output_key", "output_size",
-               "output_etag_or_mtime", "config_fingerprint", "status", "finished_at"]
-    table = read_manifests(output, columns)
+               "output_etag_or_mtime", "config_fingerprint", "finished_at"]
     latest: dict[str, dict[str, Any]] = {}
-    for row in table.filter(pads.field("status") == "ok").to_pylist():
+    for row in read_manifests(output, columns, where=pads.field("status") == "ok").to_pylist():
         current = latest.get(row["source_key"])
         if current is None or row["finished_at"] > current["finished_at"]:
             latest[row["source_key"]] = row

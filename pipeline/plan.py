@@ -15,10 +15,12 @@ from typing import Any
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from PIL import Image
 
 from . import manifest
 from .config import ConfigError, JobConfig, fingerprint
 from .engine import tiles_per_image
+from .media import output_extension
 from .storage import Location, UnsafeKeyError, glob_matcher, check_relative_key
 
 
@@ -30,10 +32,6 @@ class Plan:
     todo: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def prompts(self) -> set[str]:
-        return {row["prompt"] for row in self.todo if row["prompt"]}
 
 
 def locations(cfg: JobConfig) -> tuple[Location, Location]:
@@ -55,8 +53,7 @@ def check_output_outside_input(cfg: JobConfig, source: Location, output: Locatio
 
 
 def output_key(relative: str, output_format: str) -> str:
-    from .media import output_extension
-
+    """The output's key: the input's relative key, with the output format's extension."""
     extension = output_extension(relative, output_format)
     path = pathlib.PurePosixPath(relative)
     if not extension or extension == path.suffix:
@@ -121,10 +118,8 @@ def make_plan(cfg: JobConfig, settings: dict[str, Any], run_id: str) -> Plan:
 
 def estimate(plan: Plan, cfg: JobConfig, threads: int = 16) -> dict[str, Any]:
     """Dry-run cost: read only image headers of pending inputs, count sampler tiles x steps."""
-    from PIL import Image
-
     source, _ = locations(cfg)
-    steps = plan.settings.get("steps") or 1
+    steps = plan.settings.get("num_inference_steps") or 1
 
     def probe(row: dict[str, Any]) -> dict[str, Any]:
         try:

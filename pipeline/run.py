@@ -86,19 +86,27 @@ class Progress:
             log.info(self.line())
 
 
-def prompt_embeddings(cfg: JobConfig, plan: Plan) -> dict[str, Any]:
-    """Text encoders run here in the driver, once per distinct text, never in the upscaling actors, which
-    receive the embeddings as object refs. Empty prompts need none (the model's stored null embedding)."""
+def _encode_prompts(root: str, storage_options: dict[str, Any], texts: list[str]) -> Any:
+    from dit4sr import PromptEncoder
+
+    with PromptEncoder.from_pretrained(root, storage_options=storage_options) as encoder:
+        embeddings = encoder.encode(texts)
+    return embeddings[0] if len(embeddings) == 1 else tuple(embeddings)  # one object per text (num_returns)
+
+
+def prompt_embeddings(cfg: JobConfig, plan: Plan) -> dict[str, ray.ObjectRef]:
+    """Text encoders run once per distinct text, in one Ray task (on a GPU where actors get GPUs) — never in the
+    upscaling actors, which receive the embeddings as object refs. Empty prompts need none (the model's stored
+    null-prompt embedding)."""
     if engine_kind(cfg.model.path) != "dit4sr":
         return {}
     texts = texts_to_encode(plan.settings, sorted({row["prompt"] for row in plan.todo}))
     if not texts:
         return {}
-    from dit4sr import PromptEncoder
-
-    with PromptEncoder.from_pretrained(model_root(cfg).uri, storage_options=cfg.model.storage_options) as encoder:
-        embeddings = encoder.encode(list(texts.values()))
-    return {key: ray.put(embedding) for key, embedding in zip(texts, embeddings)}
+    encode = ray.remote(_encode_prompts).options(
+        num_cpus=1, num_gpus=1 if cfg.compute.gpus_per_actor else 0, num_returns=len(texts))
+    refs = encode.remote(model_root(cfg).uri, cfg.model.storage_options, list(texts.values()))
+    return dict(zip(texts, refs if len(texts) > 1 else [refs]))
 
 
 def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import manifest
+from . import manifest, media
 from .config import JobConfig
 from .engine import load_engine
 from .storage import Location, UnsafeKeyError
@@ -48,7 +48,11 @@ def derive_seed(base_seed: int, data: bytes) -> int:
 
 
 def to_engine_input(pixels: np.ndarray) -> np.ndarray:
-    """Decoded pixels (uint8/uint16/float, 1-4 channels) -> float32 RGB or RGBA in [0, 1], as engines take them."""
+    """Decoded pixels (uint8/uint16/float, 1-4 channels) -> float32 RGB or RGBA in [0, 1], as engines take them.
+
+    (``dit4sr.image_processing.to_float_rgb`` does the same for the model, but importing it loads torch, which
+    engines such as bicubic never need.)
+    """
     if pixels.dtype == np.uint8:
         image = pixels.astype(np.float32) / 255.0
     elif pixels.dtype == np.uint16:
@@ -101,8 +105,6 @@ class Upscaler:
         return _table([self._upscale_one(row) if row["status"] is None else row for row in _rows(batch)])
 
     def _upscale_one(self, row: dict[str, Any]) -> dict[str, Any]:
-        from . import media
-
         row.update(worker=self.worker, node_id=self.node_id)
         data = row["data"]
         row["seed"] = seed = derive_seed(self.cfg.upscale.seed, data)
@@ -114,7 +116,7 @@ class Upscaler:
             return _fail(row, "decode_failed", exc)
         height, width = decoded.pixels.shape[:2]
         scale = self.settings["scale"]
-        row.update(width=width, height=height, source_format=getattr(decoded.info, "format", None))
+        row.update(width=width, height=height, source_format=decoded.info.format)
         if width * height * scale * scale > self.cfg.limits.max_output_pixels:
             return _fail(row, "output_too_large",
                          f"{width}x{height} at x{scale} is {width * height * scale * scale} output pixels, above "
@@ -151,7 +153,7 @@ def write_outputs(batch: pa.Table, output_location: Location, run_id: str) -> pa
                 _fail(row, "write_failed", exc)
             else:
                 row.update(output_sha256=hashlib.sha256(data).hexdigest(), output_size=written.size,
-                           output_etag_or_mtime=written.identity, error_type=None, error_message=None)
+                           output_etag_or_mtime=written.identity)
         row["data"] = None
         row["finished_at"] = manifest.utcnow()
         if row["started_at"] is not None:

@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from dit4sr.color_fix import adain_color_fix, apply_color_fix, wavelet_color_fix, wavelet_decomposition
+from dit4sr.color_fix import (
+    adain_color_fix,
+    apply_color_fix,
+    wavelet_color_fix,
+    wavelet_decomposition,
+)
 
 
 def images(seed=0):

@@ -44,7 +44,7 @@ def test_palette_with_and_without_transparency():
 
 def test_cmyk_uses_pillow_conversion():
     cmyk = Image.fromarray(RGB).convert("CMYK")
-    rgb, alpha = to_float_rgb(cmyk)
+    rgb, _ = to_float_rgb(cmyk)
     np.testing.assert_allclose(rgb, np.asarray(cmyk.convert("RGB")) / 255.0, atol=1e-7)
 
 

@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline_tiny import (null_embedding, pixel_pipeline, tiny_pipeline, tiny_text_components,
-                                tiny_transformer)
+from test_pipeline_tiny import (
+    null_embedding,
+    pixel_pipeline,
+    tiny_pipeline,
+    tiny_text_components,
+    tiny_transformer,
+)
 
 from dit4sr import SAMPLER_VERSION, DiT4SRTransformerOutput, compose_prompt
 from dit4sr.devices import resolve_device, resolve_dtype
@@ -37,8 +42,8 @@ def lr_latents_of(pipe, height, width, seed=0):
 def denoise(pipe, lr, **settings):
     settings = pipe.effective_settings(**{"num_inference_steps": 3, "guidance_scale": 1.0, **settings})
     cond = tuple(t[None] for t in (pipe.null_prompt_embedding.prompt_embeds, pipe.null_prompt_embedding.pooled_prompt_embeds))
-    with torch.no_grad(), __import__("tqdm").tqdm(disable=True) as progress:
-        return pipe._denoise(lr, settings, cond, None, seed=7, progress=progress)
+    with torch.no_grad():
+        return pipe._denoise(lr, settings, cond, None, seed=7, show_progress=False)
 
 
 def reference_untiled(pipe, lr, steps=3, seed=7):
@@ -157,6 +162,10 @@ def test_pixel_autoencoder_path_and_residual_model():
     pipe = pixel_pipeline(prediction_type="sample", lr_residual=True)
     out = pipe(random_image(30, 22), upscale=4, **FAST).images[0]
     assert out.shape == (120, 88, 3)
+    # without the short-side raise (process_size=0, as the bundled model) a 1x1 input is raised just to
+    # one latent patch (2 x 2 latents = 8 x 8 pixels) and still comes out exactly 4 x 4
+    assert pipe.resize_plan(1, 1, 4, 0) == [(2, 2), (8, 8), (8, 8)]
+    assert pipe(random_image(1, 1), upscale=4, **FAST).images[0].shape == (4, 4, 3)
 
 
 def test_recommended_settings_precedence():
@@ -271,3 +280,23 @@ def test_devices_and_dtypes():
 
 def test_sampler_version_is_a_string():
     assert isinstance(SAMPLER_VERSION, str) and SAMPLER_VERSION
+
+
+def test_progress_bar_counts_steps_times_tiles_and_can_be_silenced(capsys):
+    pipe = tiny_pipeline()
+    image = random_image(37, 53)
+    pipe(image, tile_size=12, tile_overlap=4, **{**FAST, "show_progress": True})
+    progress = capsys.readouterr().err
+    assert "12/12" in progress and "13/" not in progress  # 2 steps x 6 tiles (a 2 x 3 grid on 18 x 26)
+    pipe(image, tile_size=12, tile_overlap=4, **FAST)
+    assert capsys.readouterr().err == ""
+
+
+def test_half_precision_runs_close_to_float32():
+    pipe = tiny_pipeline()
+    image = random_image(20, 28)
+    full = pipe(image, **FAST).images[0]
+    pipe.to(dtype=torch.bfloat16)
+    half = pipe(image, **FAST).images[0]
+    assert half.dtype == np.float32 and np.isfinite(half).all()
+    assert np.abs(half - full).mean() < 0.05

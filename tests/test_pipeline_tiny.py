@@ -6,15 +6,20 @@ import json
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
-                          T5EncoderModel)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from dit4sr import DiT4SRPipeline, DiT4SRTransformer2DModel, PixelUnshuffleAutoencoder
 from dit4sr.prompt_cache import PromptEmbedding, save_null_prompt_embedding
 
 JOINT_DIM = 16
 POOLED_DIM = 12
-WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + "a photo of cat dog red blue sharp clean cinematic detailed".split()
+WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + ["a", "photo", "of", "cat", "dog", "red", "blue", "sharp", "clean", "cinematic", "detailed"]
 
 
 def tiny_transformer(in_channels=4, seed=0, **overrides) -> DiT4SRTransformer2DModel:
@@ -87,7 +92,10 @@ def save_model_root(pipe: DiT4SRPipeline, root, recommended=None, text_encoders=
     pipe.transformer.save_pretrained(root / "transformer")
     pipe.vae.save_pretrained(root / "vae")
     pipe.scheduler.save_pretrained(root / "scheduler")
-    library = lambda obj: type(obj).__module__.split(".")[0]  # noqa: E731
+
+    def library(obj):
+        return type(obj).__module__.split(".")[0]
+
     index = {"_class_name": "DiT4SRPipeline",
              **{name: [library(getattr(pipe, name)), type(getattr(pipe, name)).__name__]
                 for name in ("transformer", "vae", "scheduler")}}

@@ -7,8 +7,14 @@ import torch
 from moto.server import ThreadedMotoServer
 from test_pipeline_tiny import null_embedding, tiny_text_components
 
-from dit4sr.prompt_cache import (PromptEmbedding, PromptEmbeddingCache, PromptEncoder, load_null_prompt_embedding,
-                                 prompt_key, save_null_prompt_embedding)
+from dit4sr.prompt_cache import (
+    PromptEmbedding,
+    PromptEmbeddingCache,
+    PromptEncoder,
+    load_null_prompt_embedding,
+    prompt_key,
+    save_null_prompt_embedding,
+)
 
 ENCODER_ORDER = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 
@@ -129,3 +135,17 @@ def test_embedding_shapes_are_checked():
         from safetensors.torch import save
 
         PromptEmbedding.from_bytes(save({"other": torch.zeros(1)}))
+
+
+def test_encoder_from_a_saved_sd3_root(tmp_path):
+    from test_pipeline_tiny import save_model_root, tiny_pipeline
+
+    components = tiny_text_components()
+    save_model_root(tiny_pipeline(**components), tmp_path / "sd3", text_encoders=True)
+    with PromptEncoder.from_pretrained(str(tmp_path / "sd3"), device="cpu") as loaded:
+        direct = PromptEncoder(*(components[name] for name in ENCODER_ORDER))
+        assert loaded.identity == direct.identity
+        torch.testing.assert_close(loaded.encode(["a cat"])[0].prompt_embeds, direct.encode(["a cat"])[0].prompt_embeds)
+    save_model_root(tiny_pipeline(), tmp_path / "no-text")
+    with pytest.raises(ValueError, match="has no text_encoder"):
+        PromptEncoder.from_pretrained(str(tmp_path / "no-text"))

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from dit4sr.tiling import (axis_offsets, gaussian_weights, normalized_tile_weights, plan_tiles,
-                           whole_image_noise)
+from dit4sr.tiling import (
+    axis_offsets,
+    gaussian_weights,
+    normalized_tile_weights,
+    plan_tiles,
+    whole_image_noise,
+)
 
 
 def official_offsets(size, tile, overlap):

@@ -9,7 +9,7 @@ import pathlib
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, job_config, small_catalog, write_catalog
+from conftest import REPO, image_bytes, job_config, small_catalog, write_catalog
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_OK, run_job
@@ -51,6 +51,18 @@ def test_null_settings_resolve_to_the_models_recommendations(tiny_model_root, tm
     assert fingerprint(implicit) == fingerprint(explicit)  # what ran is what counts
     changed = resolve_settings(validate_config(_config(tmp_path, tiny_model_root, upscale={"steps": 3})))
     assert fingerprint(changed) != fingerprint(implicit)
+
+
+def test_dry_run_estimates_tiles_times_steps(tiny_model_root, tmp_path, capsys):
+
+    write_catalog(tmp_path / "in", {"wide.png": image_bytes(40, 8), "small.png": image_bytes(4, 4)})
+    # Working sizes (short side raised to process_size // scale = 8, then x2, /4 for the pixel-unshuffle VAE):
+    # wide 40x8 -> latent 20x4 -> 4 tiles of 8 with overlap 4; small 4x4 -> latent 4x4 -> 1 tile.
+    assert run_job(validate_config(_config(tmp_path, tiny_model_root)), dry_run=True) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "process wide.png -> wide.png  40x8  tiles=4" in printed
+    assert "process small.png -> small.png  4x4  tiles=1" in printed
+    assert "estimated cost 5 tiles x 2 steps = 10 tile-steps" in printed
 
 
 @pytest.mark.slow
