@@ -44,7 +44,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
         try:
             fs, path = fsspec.core.url_to_fs(item)
             protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-            display = (lambda p: p) if protocol in ("file", "local") else (lambda p: f"{protocol}://{p}")
+            prefix = "" if protocol in ("file", "local") else f"{protocol}://"
             if fs.isdir(path):
                 found = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES)
                 if not found:
@@ -52,7 +52,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
                 base = path.rstrip("/")
                 for p in found:
                     relative = PurePosixPath(p[len(base):].lstrip("/")).with_suffix(".png")
-                    jobs.append(Job(display(p), fs, p, relative.as_posix()))
+                    jobs.append(Job(prefix + p, fs, p, relative.as_posix()))
             elif fs.isfile(path):
                 jobs.append(Job(item, fs, path, PurePosixPath(path).with_suffix(".png").name))
             else:

@@ -54,7 +54,7 @@ class StageConfig(_Strict):
     jpeg_quality: tuple[int, int] = (30, 95)
 
     @model_validator(mode="after")
-    def _validate(self) -> "StageConfig":
+    def _validate(self) -> StageConfig:
         if any(k % 2 == 0 or k < 3 for k in self.kernel_sizes):
             raise ValueError(f"kernel_sizes must be odd and >= 3, got {self.kernel_sizes}")
         if len(self.kernel_types) != len(self.kernel_type_probs) or not math.isclose(sum(self.kernel_type_probs), 1):
@@ -81,7 +81,7 @@ class DegradationConfig(_Strict):
     )
 
     @classmethod
-    def from_yaml(cls, path: str) -> "DegradationConfig":
+    def from_yaml(cls, path: str) -> DegradationConfig:
         with open(path) as f:
             return cls.model_validate(yaml.safe_load(f) or {})
 

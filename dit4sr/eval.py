@@ -132,6 +132,15 @@ def evaluate(pipe, paths: list[Path], hr_dir: str, scale: int = 4, pipe_kwargs: 
             "per_image": {method: [asdict(r) for r in r_list] for method, r_list in rows.items()}}
 
 
+def _json_safe(value):
+    """Standard JSON has no infinity (the PSNR of identical images): write it as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def format_table(result: dict) -> str:
     lines = [f"{'method':<8} {'PSNR-Y':>8} {'SSIM-Y':>8} {'LapVar':>9} {'Grad':>7}   ({result['images']} images)"]
     for method, m in result["mean"].items():
@@ -182,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"] = {"model": args.model, "scale": args.scale, **pipe_kwargs}
     print(format_table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
     return 0
 
 

@@ -59,7 +59,7 @@ class ModelConfig(_Strict):
     zero_init_output: bool = True
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelConfig":
+    def _one_source(self) -> ModelConfig:
         if (self.pretrained is None) == (self.transformer is None):
             raise ValueError("model: give exactly one of 'pretrained' (fine-tune) or 'transformer' (from scratch)")
         return self
@@ -102,7 +102,7 @@ class TrainConfig(_Strict):
     optim: OptimConfig
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
         """Paths inside the file are relative to the file's directory unless absolute."""
         path = Path(path)
         with open(path) as f:
@@ -387,14 +387,16 @@ class Trainer:
         logger.info("resumed from %s at step %d", checkpoints[-1], self.step)
         return True
 
-    def fit(self, show_progress: bool = True) -> list[float]:
-        """Train up to ``max_steps``; returns the losses of the steps run in this call."""
+    def fit(self, show_progress: bool = True, stop_at: int | None = None) -> list[float]:
+        """Train up to ``max_steps`` (or stop, with a checkpoint, after step ``stop_at`` without changing the
+        schedule); returns the losses of the steps run in this call."""
         config = self.config
+        end = min(config.optim.max_steps, stop_at or config.optim.max_steps)
         losses = []
         bar = tqdm(total=config.optim.max_steps, initial=self.step, disable=not show_progress,
                    desc="train", dynamic_ncols=True)
         started, first_step = time.monotonic(), self.step
-        while self.step < config.optim.max_steps:
+        while self.step < end:
             loss, grad_norm = self.train_step()
             losses.append(loss)
             bar.update(1)
@@ -403,7 +405,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{recent:.5f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                 logger.info("step %d loss %.6f grad_norm %.3f lr %.3e elapsed %.0fs", self.step, recent,
                             grad_norm, self.scheduler.get_last_lr()[0], time.monotonic() - started)
-            if self.step % config.checkpoint_every == 0 or self.step == config.optim.max_steps:
+            if self.step % config.checkpoint_every == 0 or self.step == end:
                 logger.info("saved %s", self.save())
         bar.close()
         logger.info("%d steps in %.0fs", self.step - first_step, time.monotonic() - started)
@@ -420,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dit4sr-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="training YAML (see configs/train/dit4sr_tiny.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    parser.add_argument("--max-steps", type=int, help="override optim.max_steps")
+    parser.add_argument("--max-steps", type=int, help="override optim.max_steps (the length of the LR schedule)")
+    parser.add_argument("--stop-at", type=int, help="stop after this step (checkpointed), keeping the schedule")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer.resume()
     elif any(Path(config.output_dir).glob("checkpoint-*")):
         parser.error(f"{config.output_dir} already holds checkpoints: pass --resume or choose another output_dir")
-    trainer.fit(show_progress=not args.no_progress)
+    trainer.fit(show_progress=not args.no_progress, stop_at=args.stop_at)
     return 0
 
 

@@ -15,7 +15,6 @@ import hashlib
 import os
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from . import manifest, media
@@ -45,28 +44,6 @@ def derive_seed(base_seed: int, data: bytes) -> int:
     """Per-input seed from the job seed and the input's bytes only — never from its batch, worker or order."""
     digest = hashlib.sha256(base_seed.to_bytes(8, "little", signed=True) + hashlib.sha256(data).digest()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-def to_engine_input(pixels: np.ndarray) -> np.ndarray:
-    """Decoded pixels (uint8/uint16/float, 1-4 channels) -> float32 RGB or RGBA in [0, 1], as engines take them.
-
-    (``dit4sr.image_processing.to_float_rgb`` does the same for the model, but importing it loads torch, which
-    engines such as bicubic never need.)
-    """
-    if pixels.dtype == np.uint8:
-        image = pixels.astype(np.float32) / 255.0
-    elif pixels.dtype == np.uint16:
-        image = pixels.astype(np.float32) / 65535.0
-    else:
-        image = np.clip(pixels.astype(np.float32), 0.0, 1.0)
-    if image.ndim == 2:
-        image = image[:, :, None]
-    channels = image.shape[2]
-    if channels == 1:
-        image = np.repeat(image, 3, axis=2)
-    elif channels == 2:  # grey + alpha
-        image = np.concatenate([np.repeat(image[:, :, :1], 3, axis=2), image[:, :, 1:]], axis=2)
-    return np.ascontiguousarray(image)
 
 
 def read_sources(batch: pa.Table, input_location: Location) -> pa.Table:
@@ -122,7 +99,7 @@ class Upscaler:
                          f"{width}x{height} at x{scale} is {width * height * scale * scale} output pixels, above "
                          f"limits.max_output_pixels={self.cfg.limits.max_output_pixels}")
         try:
-            upscaled = self.engine.upscale(to_engine_input(decoded.pixels), seed=seed, prompt=row["prompt"] or "")
+            upscaled = self.engine.upscale(media.to_float_rgb(decoded.pixels), seed=seed, prompt=row["prompt"] or "")
         except Exception as exc:  # noqa: BLE001 - an engine failure on one input is that input's failure
             # MemoryError, torch.cuda.OutOfMemoryError: too big for this worker, unlike a broken input.
             out_of_memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"

@@ -3,8 +3,14 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from dit4sr.degradation import (Degradation, DegradationConfig, StageConfig, bicubic_downscale, bicubic_upscale,
-                                random_kernel)
+from dit4sr.degradation import (
+    Degradation,
+    DegradationConfig,
+    StageConfig,
+    bicubic_downscale,
+    bicubic_upscale,
+    random_kernel,
+)
 
 CONFIG_FILE = __import__("pathlib").Path(__file__).parents[1] / "configs" / "train" / "degradation.yaml"
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import SHARED, TINY_SETTINGS, TINY_TRANSFORMER
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import SHARED, TINY_SETTINGS, TINY_TRANSFORMER
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
-from dit4sr.train import TrainConfig, Trainer, main, write_pipeline_root
+from dit4sr.train import TrainConfig, Trainer, main, read_list, write_pipeline_root
 
 TRAIN_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "configs" / "train" / "dit4sr_tiny.yaml"
 
@@ -115,7 +115,9 @@ def test_cli_refuses_to_overwrite_without_resume(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--config", str(path), "--no-progress"])
     assert "--resume" in capsys.readouterr().err
-    assert main(["--config", str(path), "--no-progress", "--resume", "--max-steps", "4"]) == 0
+    assert main(["--config", str(path), "--no-progress", "--resume", "--stop-at", "4"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-0000003",
+                                                                              "checkpoint-0000004"]
     state = load_file(str(tmp_path / "run" / "checkpoint-0000004" / "training_state" / "ema.safetensors"))
     assert len(state) == len(list(Trainer(config).transformer.parameters()))
 
@@ -123,16 +125,34 @@ def test_cli_refuses_to_overwrite_without_resume(tmp_path, capsys):
 def test_bundled_config_is_valid_and_excludes_the_held_out_list():
     config = TrainConfig.from_yaml(TRAIN_CONFIG)
     assert config.model.transformer["prediction_type"] == "sample" and config.model.transformer["lr_residual"]
-    held_out = [line for line in open(config.data.holdout_list) if line.strip() and not line.startswith("#")]
-    assert len(held_out) == 20
+    assert len(read_list(config.data.holdout_list)) == 20
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "photos").is_dir(), reason="needs ../shared/data/photos")
 def test_held_out_photos_exist_and_are_excluded_from_training():
-    from dit4sr.train import list_images, read_list
+    from dit4sr.train import list_images
 
     config = TrainConfig.from_yaml(TRAIN_CONFIG)
     held_out = set(read_list(config.data.holdout_list))
     everything = {key for key, _ in list_images(config.data.roots)}
     assert held_out <= everything
     assert not held_out & {key for key, _ in list_images(config.data.roots, held_out)}
+
+
+def test_bundled_model_is_complete_small_and_loads():
+    from dit4sr import BUNDLED_MODEL
+
+    root = __import__("pathlib").Path(BUNDLED_MODEL)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+    for name in ("README.md", "heldout_photos.txt", "recommended_settings.json", "eval_heldout.json"):
+        assert (root / name).is_file(), name
+    assert "--max-steps 1100" in (root / "README.md").read_text()
+    pipe = DiT4SRPipeline.from_pretrained("bundled", device="cpu")
+    assert pipe.transformer.config.prediction_type == "sample" and pipe.transformer.config.lr_residual
+    assert pipe.effective_settings()["num_inference_steps"] == 1
+    flat = Image.new("RGB", (16, 12), (200, 60, 20))
+    out = np.asarray(pipe(flat, show_progress=False).images[0], dtype=np.float64)
+    assert out.shape == (48, 64, 3)
+    # A flat image stays (nearly) flat and keeps its colour.
+    assert np.abs(out - (200, 60, 20)).mean() < 4
