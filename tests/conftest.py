@@ -8,25 +8,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pathlib
 
 import pytest
+from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 TESTS = pathlib.Path(__file__).parent
 GOLDEN = TESTS / "data" / "golden"
-SHARED = TESTS.parent.parent / "shared"
 
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
     return GOLDEN
-
-
-TINY_TRANSFORMER = {
-    "sample_size": 8, "patch_size": 2, "in_channels": 48, "out_channels": 48, "num_layers": 2,
-    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 32,
-    "pooled_projection_dim": 16, "pos_embed_max_size": 16, "dual_attention_layers": [], "qk_norm": "rms_norm",
-    "prediction_type": "sample", "lr_residual": True,
-}
-TINY_SETTINGS = {"num_inference_steps": 1, "guidance_scale": 1.0, "added_prompt": "", "process_size": 0,
-                 "tile_size": 16, "tile_overlap": 4, "color_fix": "none"}
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit4sr.eval import evaluate, gradient_energy, laplacian_variance, list_hr_images, main, psnr_y, ssim_y, y_channel
+from dit4sr.eval import (
+    evaluate,
+    gradient_energy,
+    laplacian_variance,
+    list_hr_images,
+    main,
+    psnr_y,
+    ssim_y,
+    y_channel,
+)
 
 # BT.601 luma weights of MATLAB rgb2ycbcr on the 0..255 scale: Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255.
 LUMA_GAIN = (65.481 + 128.553 + 24.966) / 255.0

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_pipeline_tiny import (
+from tiny_components import (
     null_embedding,
     pixel_pipeline,
     tiny_pipeline,

@@ -1,15 +1,18 @@
 import json
+import pathlib
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SHARED, TINY_SETTINGS, TINY_TRANSFORMER
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
 from dit4sr.train import TrainConfig, Trainer, main, read_list, write_pipeline_root
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 
 TRAIN_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "configs" / "train" / "dit4sr_tiny.yaml"
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 import sys
 import uuid
 
-import numpy as np
 import pytest
-from PIL import Image
+from catalog_support import REPO
 
 HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parent.parent
 
 # Plug-in test engines (catalog_test_engines) must import in Ray workers and in job subprocesses too.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(REPO), os.environ.get("PYTHONPATH")]))
@@ -83,60 +80,3 @@ def bucket(s3_server) -> str:
     boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=name)
     return name
-
-
-def image_bytes(width: int, height: int, fmt: str = "PNG", mode: str = "RGB", seed: int = 0, **options) -> bytes:
-    rng = np.random.default_rng(seed)
-    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}[mode]
-    pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
-def write_catalog(root: pathlib.Path, files: dict[str, bytes]) -> None:
-    for key, data in files.items():
-        path = root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-
-
-def manifests(output: pathlib.Path):
-    """Every committed manifest row under a local output folder, as a pandas frame."""
-    import pyarrow.parquet as pq
-
-    from pipeline.manifest import SCHEMA
-
-    parts = sorted(output.glob("_manifests/run=*/part-*.parquet"))
-    return (pq.read_table(parts) if parts else SCHEMA.empty_table()).to_pandas()
-
-
-def outputs(root: pathlib.Path) -> dict[str, bytes]:
-    """Every output object (not manifests, not hidden temp files) under a local output folder."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "_manifests" not in p.parts and not p.name.startswith(".")}
-
-
-def small_catalog(count: int = 6) -> dict[str, bytes]:
-    """Tiny, varied, valid inputs: a few folders, PNG and JPEG, odd sizes."""
-    files = {}
-    for i in range(count):
-        fmt, ext = ("PNG", "png") if i % 2 == 0 else ("JPEG", "jpg")
-        files[f"album{i % 3}/photo {i}.{ext}"] = image_bytes(5 + i, 4 + (i % 3), fmt, seed=i)
-    return files
-
-
-def job_config(input_uri: str, output_uri: str, **sections) -> dict:
-    """A bicubic-engine job config as a dict; ``sections`` override whole keys per section."""
-    config = {
-        "input": {"uri": input_uri},
-        "output": {"uri": output_uri, "format": "png"},
-        "model": {"path": "bicubic"},
-        "upscale": {"scale": 2},
-        "compute": {"actors": {"min": 1, "max": 2}, "batch_size": 2, "cpus_per_actor": 1},
-        "run": {"progress_interval_s": 1},
-    }
-    for section, values in sections.items():
-        config.setdefault(section, {}).update(values)
-    return config

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from catalog_support import REPO, job_config
 
-from conftest import REPO, job_config
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
 from pipeline.plan import check_output_outside_input, locations

@@ -8,8 +8,8 @@ import pathlib
 
 import pyarrow.parquet as pq
 import pytest
+from catalog_support import REPO, image_bytes, job_config, small_catalog, write_catalog
 
-from conftest import REPO, image_bytes, job_config, small_catalog, write_catalog
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_OK, run_job
@@ -20,7 +20,7 @@ RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_size": 8, 
 
 @pytest.fixture(scope="module")
 def tiny_model_root(tmp_path_factory) -> pathlib.Path:
-    from test_pipeline_tiny import pixel_pipeline, save_model_root, tiny_text_components
+    from tiny_components import pixel_pipeline, save_model_root, tiny_text_components
 
     root = tmp_path_factory.mktemp("models") / "tiny-dit4sr"
     save_model_root(_with_text(pixel_pipeline, tiny_text_components), root, recommended=RECOMMENDED,
@@ -29,7 +29,7 @@ def tiny_model_root(tmp_path_factory) -> pathlib.Path:
 
 
 def _with_text(make_pipeline, text_components):
-    from test_pipeline_tiny import null_embedding
+    from tiny_components import null_embedding
 
     pipe = make_pipeline()
     for name, component in text_components().items():
@@ -90,7 +90,7 @@ def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_
 
 
 def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
-    from test_pipeline_tiny import pixel_pipeline, save_model_root
+    from tiny_components import pixel_pipeline, save_model_root
 
     root = tmp_path / "no-text"
     save_model_root(pixel_pipeline(), root, recommended={**RECOMMENDED, "guidance_scale": 1.0})

@@ -11,8 +11,15 @@ import time
 
 import pytest
 import yaml
+from catalog_support import (
+    REPO,
+    job_config,
+    manifests,
+    outputs,
+    small_catalog,
+    write_catalog,
+)
 
-from conftest import manifests, outputs, REPO, job_config, small_catalog, write_catalog
 from pipeline.config import validate_config
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_OK, run_job
 

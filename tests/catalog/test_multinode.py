@@ -8,9 +8,9 @@ import time
 import pyarrow.parquet as pq
 import pytest
 import ray
+from catalog_support import job_config, small_catalog, write_catalog
 from ray.cluster_utils import Cluster
 
-from conftest import job_config, small_catalog, write_catalog
 from pipeline.config import validate_config
 from pipeline.run import execute, prepare
 

@@ -9,9 +9,16 @@ import pathlib
 
 import duckdb
 import pytest
+from catalog_support import (
+    image_bytes,
+    job_config,
+    manifests,
+    outputs,
+    small_catalog,
+    write_catalog,
+)
 from PIL import Image
 
-from conftest import manifests, outputs, image_bytes, job_config, small_catalog, write_catalog
 from pipeline.config import validate_config
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
 

@@ -12,9 +12,9 @@ import urllib.parse
 import boto3
 import pyarrow.dataset as pads
 import s3fs
+from catalog_support import image_bytes, job_config, small_catalog
 from PIL import Image
 
-from conftest import image_bytes, job_config, small_catalog
 from pipeline.config import validate_config
 from pipeline.manifest import MANIFEST_DIR
 from pipeline.run import EXIT_OK, execute, prepare, run_job

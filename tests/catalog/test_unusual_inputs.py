@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from catalog_support import job_config, write_catalog
 from PIL import Image
 
-from conftest import job_config, write_catalog
 from pipeline import media
 from pipeline.config import validate_config
 from pipeline.run import EXIT_OK, run_job

@@ -1,5 +1,5 @@
 """Tiny random DiT4SR pipeline components for tests (no hub): import from here, e.g.
-``from test_pipeline_tiny import tiny_pipeline``. Holds no tests itself."""
+``from tiny_components import tiny_pipeline``."""
 
 import json
 
@@ -16,6 +16,15 @@ from transformers import (
 
 from dit4sr import DiT4SRPipeline, DiT4SRTransformer2DModel, PixelUnshuffleAutoencoder
 from dit4sr.prompt_cache import PromptEmbedding, save_null_prompt_embedding
+
+TINY_TRANSFORMER = {
+    "sample_size": 8, "patch_size": 2, "in_channels": 48, "out_channels": 48, "num_layers": 2,
+    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 32,
+    "pooled_projection_dim": 16, "pos_embed_max_size": 16, "dual_attention_layers": [], "qk_norm": "rms_norm",
+    "prediction_type": "sample", "lr_residual": True,
+}
+TINY_SETTINGS = {"num_inference_steps": 1, "guidance_scale": 1.0, "added_prompt": "", "process_size": 0,
+                 "tile_size": 16, "tile_overlap": 4, "color_fix": "none"}
 
 JOINT_DIM = 16
 POOLED_DIM = 12
