@@ -197,6 +197,7 @@ class DiT4SRPipeline(DiffusionPipeline):
         device: str | torch.device | None = None,
         storage_options: dict[str, Any] | None = None,
         load_text_encoders: bool = False,
+        fuse_control_projections: bool = True,
     ) -> DiT4SRPipeline:
         """Load a pipeline from a local path or fsspec URL (or ``"bundled"``, the model shipped in the package).
 
@@ -206,7 +207,9 @@ class DiT4SRPipeline(DiffusionPipeline):
 
         Text encoders are loaded only with ``load_text_encoders=True``. ``recommended_settings.json`` and the
         null-prompt embedding are read from the DiT4SR root (and the main root). Device and dtype default to
-        CUDA bfloat16 (float16 without bf16 support) when a GPU is present, else CPU float32.
+        CUDA bfloat16 (float16 without bf16 support) when a GPU is present, else CPU float32. A transformer
+        loaded here gets its ``to_*_control ∘ to_*`` pairs folded into single projections (inference only;
+        ``fuse_control_projections=False`` keeps them apart); one passed in as a model is left as it is.
         """
         root = _resolve_root(pretrained_model_name_or_path)
         device = resolve_device(device)
@@ -231,6 +234,9 @@ class DiT4SRPipeline(DiffusionPipeline):
                 root, subfolder="transformer", torch_dtype=dtype, release=release, storage_options=storage_options)
         else:
             transformer = transformer.to(dtype)
+            fuse_control_projections = False
+        if fuse_control_projections:
+            transformer.fuse_control_projections()
 
         components = {name: _load_component(root, name, index[name], dtype, storage_options)
                       for name in ("vae", "scheduler")}

@@ -18,8 +18,22 @@ IMAGE = (np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8)
 
 @pytest.fixture(scope="module")
 def reference():
+    """A pipeline in the state from_pretrained leaves it: control projections fused."""
     torch.set_num_threads(2)
-    return tiny_pipeline(**tiny_text_components())
+    pipe = tiny_pipeline(**tiny_text_components())
+    pipe.transformer.fuse_control_projections()
+    return pipe
+
+
+def test_loaded_transformer_is_fused_for_inference(tmp_path, reference):
+    save_model_root(reference, tmp_path / "model")
+    fused = DiT4SRPipeline.from_pretrained(tmp_path / "model", device="cpu")
+    unfused = DiT4SRPipeline.from_pretrained(tmp_path / "model", device="cpu", fuse_control_projections=False)
+    assert fused.transformer.transformer_blocks[0].attn.control_projections_fused
+    assert not unfused.transformer.transformer_blocks[0].attn.control_projections_fused
+    settings = dict(FAST, num_inference_steps=3)
+    difference = np.abs(fused(IMAGE, **settings).images[0] - unfused(IMAGE, **settings).images[0]).max()
+    assert difference < 1e-5
 
 
 def test_own_layout_round_trip_with_recommended_settings(tmp_path, reference):

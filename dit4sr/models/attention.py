@@ -62,9 +62,10 @@ class DiT4SRAttention(Attention):
         """
         for name in ("q", "k", "v"):
             base, control = getattr(self, f"to_{name}"), getattr(self, f"to_{name}_control")
-            with torch.no_grad():
-                weight = control.weight @ base.weight
-                bias = control.weight @ base.bias + control.bias
+            with torch.no_grad():  # fold in float32: half-precision products would round twice
+                c_weight, b_weight = control.weight.float(), base.weight.float()
+                weight = (c_weight @ b_weight).to(base.weight.dtype)
+                bias = (c_weight @ base.bias.float() + control.bias.float()).to(base.bias.dtype)
             self.register_buffer(f"_fused_{name}_weight", weight, persistent=False)
             self.register_buffer(f"_fused_{name}_bias", bias, persistent=False)
         self.control_projections_fused = True
