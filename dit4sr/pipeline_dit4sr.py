@@ -144,8 +144,9 @@ def _load_component(root: str, name: str, spec: list, dtype: torch.dtype, storag
         return cls.from_pretrained(folder)
     has_weights = any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder))
     if not has_weights:  # parameter-free modules such as PixelUnshuffleAutoencoder
-        return cls.from_config(cls.load_config(folder)).to(dtype)
-    return cls.from_pretrained(folder, torch_dtype=dtype)
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules on every dtype cast, even with none.
+        return torch.nn.Module.to(cls.from_config(cls.load_config(folder)), dtype)
+    return cls.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)  # never unpickle weights
 
 
 class DiT4SRPipeline(DiffusionPipeline):
@@ -233,7 +234,7 @@ class DiT4SRPipeline(DiffusionPipeline):
             transformer = DiT4SRTransformer2DModel.from_pretrained(
                 root, subfolder="transformer", torch_dtype=dtype, release=release, storage_options=storage_options)
         else:
-            transformer = transformer.to(dtype)
+            transformer = torch.nn.Module.to(transformer, dtype)
             fuse_control_projections = False
         if fuse_control_projections:
             transformer.fuse_control_projections()

@@ -260,6 +260,7 @@ class DiT4SRTransformer2DModel(ModelMixin, ConfigMixin):
             logger.warning("release=%r requested but the weights look like %r", release, detected)
         config["release"] = release
 
-        model = cls.from_config(config)
+        # nn.Module.to: diffusers' ModelMixin.to warns about fp32 modules on every dtype cast, even with none.
+        model = torch.nn.Module.to(cls.from_config(config), torch_dtype)
         model.load_checked_state_dict(state_dict, torch_dtype)
-        return model.to(torch_dtype).eval()
+        return model.eval()
