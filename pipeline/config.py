@@ -45,6 +45,9 @@ class OutputConfig(_Section):
 class ModelConfig(_Section):
     # "bundled", a checkpoint root (path or fsspec URL), or "bicubic" (plain resize: tests and plumbing runs only).
     path: str = "bundled"
+    # The official arrangement: `path` is a Stable Diffusion 3.5 Medium root (VAE, scheduler, text encoders) and
+    # `transformer` a DiT4SR checkpoint root (its transformer/ folder, NULL_*.pt prompt embeddings).
+    transformer: str | None = None
     release: Literal["v1", "r1"] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str | None = None  # None: CUDA when the actor holds a GPU, else CPU

@@ -74,6 +74,11 @@ def model_root(cfg: JobConfig) -> Location:
                     cfg.model.storage_options)
 
 
+def transformer_root(cfg: JobConfig) -> Location:
+    """Where the DiT4SR transformer (and its recommended settings) live: ``model.transformer`` or the main root."""
+    return Location(cfg.model.transformer, cfg.model.storage_options) if cfg.model.transformer else model_root(cfg)
+
+
 def _read_json(root: Location, key: str) -> dict[str, Any] | None:
     try:
         return json.loads(root.read(key))
@@ -91,20 +96,28 @@ def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
     index = _read_json(root, "model_index.json")
     if index is None:
         raise ConfigError(f"model.path {cfg.model.path!r}: no model_index.json at {root.uri}")
-    transformer = _read_json(root, "transformer/config.json") or {}
+    dit_root = transformer_root(cfg)
+    transformer = _read_json(dit_root, "transformer/config.json")
+    if transformer is None:
+        raise ConfigError(f"no transformer/config.json at {dit_root.uri}"
+                          + ("" if cfg.model.transformer else ": set model.transformer to a DiT4SR root"))
     vae = _read_json(root, "vae/config.json") or {}
-    recommended = _read_json(root, RECOMMENDED_SETTINGS_FILE) or {}
+    # Like DiT4SRPipeline.from_pretrained: the DiT4SR root's recommendations win over the base root's.
+    recommended = {**(_read_json(root, RECOMMENDED_SETTINGS_FILE) or {}),
+                   **((_read_json(dit_root, RECOMMENDED_SETTINGS_FILE) or {}) if cfg.model.transformer else {})}
     upscale = cfg.upscale
     chosen = {"num_inference_steps": upscale.steps, "guidance_scale": upscale.guidance_scale,
               "tile_size": upscale.tile_size, "tile_overlap": upscale.tile_overlap, "color_fix": upscale.color_fix}
     sampler = {**dit4sr.OFFICIAL_SETTINGS, **recommended, **{k: v for k, v in chosen.items() if v is not None}}
     sampler.pop("tile_batch_size", None)  # changes rounding only, like batch sizes: not part of the fingerprint
     # The model's identity without downloading weights: its JSON files, and every file's name and size.
-    files = sorted((e.relative, e.size) for e in root.list() if not e.relative.startswith("."))
+    files = [sorted((e.relative, e.size) for e in location.list() if not e.relative.startswith("."))
+             for location in {root.uri: root, dit_root.uri: dit_root}.values()]
     identity = hashlib.sha256(json.dumps([index, transformer, vae, recommended, files], sort_keys=True,
                                          default=str).encode()).hexdigest()[:16]
     settings = {
         "engine": "dit4sr", "sampler_version": dit4sr.SAMPLER_VERSION, "model": cfg.model.path,
+        "transformer": cfg.model.transformer,
         "model_identity": identity, "release": cfg.model.release, "dtype": cfg.model.dtype,
         "seed": upscale.seed, "prompt": upscale.prompt, **sampler, **_output_settings(cfg),
         "vae_scale_factor": int(vae.get("downscale_factor") or 2 ** (len(vae.get("block_out_channels", [0])) - 1)),
@@ -180,7 +193,7 @@ class DiT4SREngine:
                                                       "negative_pooled_prompt_embeds": negative.pooled_prompt_embeds}
         self.prompt_embeds = prompt_embeds
         self.pipe = dit4sr.DiT4SRPipeline.from_pretrained(
-            cfg.model.path, release=cfg.model.release, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
+            cfg.model.path, transformer=cfg.model.transformer, release=cfg.model.release, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
             storage_options=cfg.model.storage_options)
 
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 
 import pyarrow.parquet as pq
@@ -89,6 +88,47 @@ def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_
         assert (tmp_path / "out" / key).read_bytes() == (tmp_path / "again" / key).read_bytes(), key
 
 
+def _official_arrangement(combined: pathlib.Path, base: pathlib.Path, dit4sr_root: pathlib.Path) -> None:
+    """Split a model root as the official release ships: an SD3.5 root plus a DiT4SR root with NULL_*.pt."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(combined, base)
+    index = json.loads((base / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusion3Pipeline", transformer=["diffusers", "SD3Transformer2DModel"])
+    (base / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(base / "transformer")
+    shutil.rmtree(base / "prompt_embeds")
+    dit4sr_root.mkdir(parents=True)
+    shutil.move(base / "recommended_settings.json", dit4sr_root / "recommended_settings.json")
+    shutil.copytree(combined / "transformer", dit4sr_root / "transformer")
+    null = load_file(combined / "prompt_embeds" / "null.safetensors")
+    torch.save(null["prompt_embeds"], dit4sr_root / "NULL_prompt_embeds.pt")
+    torch.save(null["pooled_prompt_embeds"], dit4sr_root / "NULL_pooled_prompt_embeds.pt")
+
+
+@pytest.mark.slow
+def test_official_arrangement_sd35_root_plus_dit4sr_root(ray_local, tiny_model_root, tmp_path):
+    base, official = tmp_path / "sd3.5-medium", tmp_path / "dit4sr_r1"
+    _official_arrangement(tiny_model_root, base, official)
+    write_catalog(tmp_path / "in", small_catalog(3))
+    sections = {"upscale": {"scale": 2, "seed": 3}, "compute": {"batch_size": 3, "actors": {"min": 1, "max": 1}}}
+    split = _config(tmp_path, base, out="split", **sections)
+    split["model"]["transformer"] = str(official)
+    with pytest.raises(ConfigError, match="set model.transformer"):
+        resolve_settings(validate_config(_config(tmp_path, base, **sections)))
+    settings = resolve_settings(validate_config(split))
+    assert settings["num_inference_steps"] == RECOMMENDED["num_inference_steps"]  # read from the DiT4SR root
+    assert run_job(validate_config(split)) == EXIT_OK
+    assert run_job(validate_config(_config(tmp_path, tiny_model_root, out="combined", **sections))) == EXIT_OK
+    split_outputs = sorted((tmp_path / "split").rglob("*.png"))
+    assert len(split_outputs) == 3
+    for path in split_outputs:
+        assert path.read_bytes() == (tmp_path / "combined" / path.relative_to(tmp_path / "split")).read_bytes()
+
+
 def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
     from tiny_components import pixel_pipeline, save_model_root
 
@@ -103,10 +143,6 @@ def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_model_on_the_embedded_default(ray_local, tmp_path):
-    import dit4sr
-
-    if not os.path.isdir(dit4sr.BUNDLED_MODEL):
-        pytest.skip(f"the bundled model is not in this checkout yet ({dit4sr.BUNDLED_MODEL})")
     overrides = [f"input.uri={tmp_path / 'catalog'}", f"output.uri={tmp_path / 'upscaled'}"]
     cfg = load_config(REPO / "configs" / "local.yaml", overrides)
     assert run_job(cfg) == EXIT_OK  # lays out the example catalog first
