@@ -124,6 +124,29 @@ def _read_json(root: str, name: str, storage_options: dict[str, Any] | None) -> 
         return None
 
 
+def read_recommended_settings(roots: list[str | os.PathLike],
+                              storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The models' ``recommended_settings.json`` merged (later roots win: the DiT4SR root over an SD3.5 base),
+    read without loading any weights — planners use it to know what a call will run."""
+    settings: dict[str, Any] = {}
+    for root in roots:
+        settings.update(_read_json(_resolve_root(root), RECOMMENDED_SETTINGS_FILE, storage_options) or {})
+    unknown = set(settings) - set(OFFICIAL_SETTINGS) - {"tile_batch_size"}
+    if unknown:
+        raise ValueError(f"unknown keys in {RECOMMENDED_SETTINGS_FILE}: {sorted(unknown)}")
+    return settings
+
+
+def effective_settings(recommended: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Settings a call would use: caller's non-None values > ``recommended`` > official defaults."""
+    settings = {**OFFICIAL_SETTINGS, "tile_batch_size": None, **recommended}
+    unknown = set(overrides) - set(settings)
+    if unknown:
+        raise TypeError(f"unknown settings {sorted(unknown)}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return settings
+
+
 def _component_class(library: str, name: str):
     import diffusers
     import transformers
@@ -248,24 +271,16 @@ class DiT4SRPipeline(DiffusionPipeline):
                 components[name] = _load_component(root, name, index[name], dtype, storage_options)
 
         pipe = cls(transformer=transformer, **components)
+        pipe.recommended_settings = read_recommended_settings(roots, storage_options)
         for model_root in roots:  # the DiT4SR root (last) wins over the base root
-            pipe.recommended_settings.update(_read_json(model_root, RECOMMENDED_SETTINGS_FILE, storage_options) or {})
             pipe.null_prompt_embedding = (load_null_prompt_embedding(model_root, storage_options)
                                           or pipe.null_prompt_embedding)
-        unknown = set(pipe.recommended_settings) - set(OFFICIAL_SETTINGS) - {"tile_batch_size"}
-        if unknown:
-            raise ValueError(f"unknown keys in {RECOMMENDED_SETTINGS_FILE}: {sorted(unknown)}")
         return pipe.to(device)
 
     # -- settings and prompts -----------------------------------------------------------------------
     def effective_settings(self, **overrides: Any) -> dict[str, Any]:
         """Settings a call would use: caller's non-None values > ``recommended_settings`` > official defaults."""
-        settings = {**OFFICIAL_SETTINGS, "tile_batch_size": None, **self.recommended_settings}
-        unknown = set(overrides) - set(settings)
-        if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}")
-        settings.update({k: v for k, v in overrides.items() if v is not None})
-        return settings
+        return effective_settings(self.recommended_settings, **overrides)
 
     def prompt_texts(self, prompt: str = "", negative_prompt: str | None = None, added_prompt: str | None = None,
                      guidance_scale: float | None = None) -> tuple[str, str | None]:

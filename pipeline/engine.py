@@ -87,10 +87,10 @@ def _read_json(root: Location, key: str) -> dict[str, Any] | None:
 
 
 def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
-    """Resolve like ``DiT4SRPipeline.effective_settings`` (config > recommended_settings.json > official
+    """Resolve the settings exactly as the pipeline will (config > recommended_settings.json > official
     defaults) from the model's small JSON files only, so planning and dry runs never load weights."""
     import dit4sr
-    from dit4sr.pipeline_dit4sr import RECOMMENDED_SETTINGS_FILE, TEXT_COMPONENTS
+    from dit4sr.pipeline_dit4sr import TEXT_COMPONENTS, effective_settings, read_recommended_settings
 
     root = model_root(cfg)
     index = _read_json(root, "model_index.json")
@@ -102,14 +102,15 @@ def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
         raise ConfigError(f"no transformer/config.json at {dit_root.uri}"
                           + ("" if cfg.model.transformer else ": set model.transformer to a DiT4SR root"))
     vae = _read_json(root, "vae/config.json") or {}
-    # Like DiT4SRPipeline.from_pretrained: the DiT4SR root's recommendations win over the base root's.
-    recommended = {**(_read_json(root, RECOMMENDED_SETTINGS_FILE) or {}),
-                   **((_read_json(dit_root, RECOMMENDED_SETTINGS_FILE) or {}) if cfg.model.transformer else {})}
+    try:
+        recommended = read_recommended_settings(list(dict.fromkeys([root.uri, dit_root.uri])), root.storage_options)
+    except ValueError as exc:
+        raise ConfigError(f"model {cfg.model.path!r}: {exc}") from exc
     upscale = cfg.upscale
-    chosen = {"num_inference_steps": upscale.steps, "guidance_scale": upscale.guidance_scale,
-              "tile_size": upscale.tile_size, "tile_overlap": upscale.tile_overlap, "color_fix": upscale.color_fix}
-    sampler = {**dit4sr.OFFICIAL_SETTINGS, **recommended, **{k: v for k, v in chosen.items() if v is not None}}
-    sampler.pop("tile_batch_size", None)  # changes rounding only, like batch sizes: not part of the fingerprint
+    sampler = effective_settings(recommended, num_inference_steps=upscale.steps,
+                                 guidance_scale=upscale.guidance_scale, tile_size=upscale.tile_size,
+                                 tile_overlap=upscale.tile_overlap, color_fix=upscale.color_fix)
+    sampler.pop("tile_batch_size")  # changes rounding only, like batch sizes: not part of the fingerprint
     # The model's identity without downloading weights: its JSON files, and every file's name and size.
     files = [sorted((e.relative, e.size) for e in location.list() if not e.relative.startswith("."))
              for location in {root.uri: root, dit_root.uri: dit_root}.values()]
