@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -24,7 +22,9 @@ import pillow_heif
 from PIL import Image
 from tqdm.auto import tqdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif")
+from .image_processing import IMAGE_SUFFIXES
+from .storage import write_atomic
+
 # Inputs above this many pixels are refused before decoding (decompression bombs; x4 output is 16x larger).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
@@ -84,17 +84,11 @@ def read_image(job: Job, max_pixels: int) -> Image.Image:
     return image
 
 
-def write_atomic(image: Image.Image, target: Path) -> None:
+def save_png(image: Image.Image, target: Path) -> None:
     """PNG under a temporary name in the target folder, then renamed: readers never see a partial file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(fsspec.filesystem("file"), str(target), buffer.getvalue())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             image = read_image(job, args.max_pixels)
             result = pipe(image, upscale=args.scale, seed=args.seed, output_type="pil", show_progress=False,
                           **settings).images[0]
-            write_atomic(result, output_dir / job.output)
+            save_png(result, output_dir / job.output)
             written += 1
         except Exception as error:  # noqa: BLE001 - a bad input fails alone
             reason = _reason(error)

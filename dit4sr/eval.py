@@ -25,7 +25,8 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import structural_similarity
 
 from .degradation import bicubic_downscale, bicubic_upscale
-from .train import IMAGE_SUFFIXES, read_list
+from .image_processing import IMAGE_SUFFIXES
+from .train import read_list
 
 
 def y_channel(image: np.ndarray) -> np.ndarray:

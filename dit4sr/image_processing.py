@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Image files the library's tools (CLI, training, evaluation) pick up from folders; HEIF needs pillow-heif's opener.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".heic", ".heif")
 
 
 def _split_channels(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -47,7 +47,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .devices import resolve_device, resolve_dtype
-from .storage import local_copy
+from .storage import local_copy, write_atomic
 
 FORMAT = "dit4sr-prompt-embedding/1"
 NULL_EMBEDDING_PATH = "prompt_embeds/null.safetensors"
@@ -101,24 +101,6 @@ def _metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8:8 + header_len]).get("__metadata__", {})
 
 
-def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Local files: temp file + rename. Object stores: a single PUT is already all-or-nothing."""
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".partial-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    else:
-        fs.pipe_file(path, data)
-
-
 class PromptEmbeddingCache:
     """Content-addressed store of prompt embeddings under a local path or fsspec URL (see module docs)."""
 
@@ -142,7 +124,7 @@ class PromptEmbeddingCache:
 
     def put(self, prompt: str, encoder_id: str, embedding: PromptEmbedding) -> str:
         path = self.path(prompt, encoder_id)
-        _write_atomic(self.fs, path, embedding.to_bytes({"prompt": prompt, "encoder_id": encoder_id}))
+        write_atomic(self.fs, path, embedding.to_bytes({"prompt": prompt, "encoder_id": encoder_id}))
         return path
 
     def encode_missing(self, prompts: Iterable[str], encoder: PromptEncoder,
@@ -274,5 +256,5 @@ def save_null_prompt_embedding(root: str, embedding: PromptEmbedding,
                                storage_options: dict[str, Any] | None = None) -> str:
     fs, path = fsspec.core.url_to_fs(str(root), **(storage_options or {}))
     target = f"{path.rstrip('/')}/{NULL_EMBEDDING_PATH}"
-    _write_atomic(fs, target, embedding.to_bytes({"prompt": ""}))
+    write_atomic(fs, target, embedding.to_bytes({"prompt": ""}))
     return target

@@ -1,4 +1,4 @@
-"""Resolve model locations given as local paths or fsspec URLs (``s3://``, ``gs://``, ...) to local folders."""
+"""Storage helpers shared by the library and the catalog: local copies of remote model folders, atomic writes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import uuid
 from typing import Any
 
 import fsspec
@@ -50,3 +51,34 @@ def local_copy(location: str, subfolder: str | None = None, storage_options: dic
         if not os.path.isdir(target):  # another process may have won the race
             raise
     return target
+
+
+# Temp files of interrupted local writes: hidden, beside their target, recognisable by this suffix.
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_name(target_name: str) -> str:
+    return f".{target_name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, **put_options: Any) -> None:
+    """Write so that readers see the old object or the whole new one, never a part of it.
+
+    Local disks: a hidden temp file in the same folder, fsync, then rename. Object stores: a single PUT
+    (multipart uploads, which some backends use for big objects, also become visible only on completion).
+    """
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.pipe_file(path, data, **put_options)
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    temp = os.path.join(directory, temp_name(os.path.basename(path)))
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .degradation import Degradation, DegradationConfig, bicubic_upscale
+from .image_processing import IMAGE_SUFFIXES
 from .models import DiT4SRTransformer2DModel, PixelUnshuffleAutoencoder
 from .models.transformer_dit4sr import WEIGHTS_NAME
 from .parameterization import check_parameterization, predicted_x0
@@ -43,7 +44,6 @@ from .prompt_cache import NULL_EMBEDDING_PATH, PromptEmbedding, save_null_prompt
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 STATE_DIR = "training_state"
 
 

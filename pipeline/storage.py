@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import errno
 import mimetypes
-import os
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Callable, TypeVar
@@ -16,6 +14,8 @@ from typing import Any, Callable, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
+
+from dit4sr.storage import write_atomic
 
 T = TypeVar("T")
 
@@ -191,29 +191,12 @@ class Location:
         with_retries(lambda: self.fs.rm_file(path))
 
     def write_atomic(self, relative: str, data: bytes) -> Entry:
-        """Write so that readers see the old object or the whole new one, never a part of it.
-
-        Object stores: a single PUT (multipart uploads, used by some backends for big objects, also become
-        visible only on completion). Local disks: a temp file in the same folder, fsync, then rename.
-        """
+        """Write so that readers see the old object or the whole new one, never a part of it (see
+        ``dit4sr.storage.write_atomic``); returns the written object's entry."""
         path = self.path(relative)
-        if self.is_local:
-            directory = os.path.dirname(path)
-            os.makedirs(directory, exist_ok=True)
-            temp = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            try:
-                with open(temp, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temp, path)
-            finally:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-        else:
-            # S3: a Content-Type lets browsers and CDNs serve the photo straight from the bucket.
-            content_type = mimetypes.guess_type(path)[0] if "s3" in _protocols(self.fs) else None
-            extra = {"ContentType": content_type} if content_type else {}
-            with_retries(lambda: self.fs.pipe_file(path, data, **extra))
-            self.fs.invalidate_cache(path)
+        # S3: a Content-Type lets browsers and CDNs serve the output straight from the bucket.
+        content_type = mimetypes.guess_type(path)[0] if "s3" in _protocols(self.fs) else None
+        extra = {"ContentType": content_type} if content_type else {}
+        with_retries(lambda: write_atomic(self.fs, path, data, **extra))
+        self.fs.invalidate_cache(path)
         return Entry(relative, len(data), identity(self.info(relative)))

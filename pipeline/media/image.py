@@ -1,4 +1,4 @@
-"""Decoding and encoding of catalog photos: every input either becomes pixels plus the metadata needed to write
+"""Photos: decoding and encoding of catalog images: every input either becomes pixels plus the metadata needed to write
 it back faithfully, or fails alone with a classified `MediaError`.
 
 Decisions (each is a trade-off an operator may ask about):
@@ -44,46 +44,19 @@ import pillow_heif
 import tifffile
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
+from .errors import (
+    CorruptImageError,
+    EmptyFileError,
+    EncodeError,
+    NotAnImageError,
+    TooLargeForFormatError,
+    TooManyPixelsError,
+    TruncatedImageError,
+    UnsupportedImageError,
+)
+
 pillow_heif.register_heif_opener()
 Image.init()  # load every Pillow plugin now: _sniff reads their signature checks from Image.OPEN
-
-
-class MediaError(Exception):
-    """An input or output image that cannot be processed; `error_type` classifies it for manifests."""
-
-    error_type = "media_error"
-
-
-class EmptyFileError(MediaError):
-    error_type = "empty_file"
-
-
-class TruncatedImageError(MediaError):
-    error_type = "truncated"
-
-
-class NotAnImageError(MediaError):
-    error_type = "not_an_image"
-
-
-class CorruptImageError(MediaError):
-    error_type = "corrupt"
-
-
-class TooManyPixelsError(MediaError):
-    error_type = "too_many_pixels"
-
-
-class UnsupportedImageError(MediaError):
-    error_type = "unsupported"
-
-
-class TooLargeForFormatError(MediaError):
-    error_type = "too_large_for_format"
-
-
-class EncodeError(MediaError):
-    error_type = "encode_failed"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,51 @@
+"""Media kinds the catalog understands, each in its own module, behind one error hierarchy.
+
+* ``image``: photos, one file = one unit of work (decode -> pixels + metadata -> encode like the source).
+* ``video``: video files, cut into segments of frames that are units of work of their own.
+
+``kind_of`` decides a listed key's kind from its extension, so planning never opens a file to route it.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from .errors import MediaError
+from .image import (
+    OUTPUT_FORMATS,
+    SUPPORTED_EXTENSIONS,
+    DecodedImage,
+    ImageInfo,
+    decode_image,
+    encode_image,
+    output_extension,
+    to_float_rgb,
+)
+
+IMAGE = "image"
+VIDEO = "video"
+# Containers PyAV (libavformat) demuxes; anything else listed is an image candidate.
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
+                              ".m2ts", ".mxf", ".wmv", ".flv", ".3gp", ".ogv"})
+
+__all__ = [
+    "IMAGE",
+    "VIDEO",
+    "VIDEO_EXTENSIONS",
+    "OUTPUT_FORMATS",
+    "SUPPORTED_EXTENSIONS",
+    "DecodedImage",
+    "ImageInfo",
+    "MediaError",
+    "decode_image",
+    "encode_image",
+    "kind_of",
+    "output_extension",
+    "to_float_rgb",
+]
+
+
+def kind_of(key: str) -> str:
+    """The media kind of a listed key (by extension). Unknown extensions are treated as images, whose decoder
+    sniffs the bytes and reports what the file really is."""
+    return VIDEO if PurePosixPath(key).suffix.lower() in VIDEO_EXTENSIONS else IMAGE
