@@ -2,8 +2,10 @@
 
 The second-order model (Wang et al., "Real-ESRGAN", 2021) applies two rounds of
 blur -> random resize -> Gaussian/Poisson noise -> JPEG, then resizes to the target LR size. This
-implementation covers isotropic/anisotropic Gaussian, generalised Gaussian and plateau kernels; the
-sinc (ringing) filter of the paper is left out. Every random draw comes from the ``numpy`` generator
+implementation covers its isotropic/anisotropic Gaussian, generalised Gaussian and plateau kernels and
+its sinc filter (an ideal circular low-pass: the ringing and overshoot artefacts of sharpened and
+resampled images), both as a blur kernel of a stage (``sinc_prob``) and as the final filter applied
+with the last resize (``final_sinc_prob``). Every random draw comes from the ``numpy`` generator
 passed in, so a pair is a pure function of (HR image, generator state, config).
 """
 
@@ -52,6 +54,7 @@ class StageConfig(_Strict):
     poisson_scale: tuple[float, float] = (0.05, 3.0)
     gray_noise_prob: float = Field(0.4, ge=0, le=1)
     jpeg_quality: tuple[int, int] = (30, 95)
+    sinc_prob: float = Field(0.1, ge=0, le=1)  # of the blurs, the share that is a sinc filter
 
     @model_validator(mode="after")
     def _validate(self) -> StageConfig:
@@ -74,6 +77,7 @@ class DegradationConfig(_Strict):
 
     scale: int = Field(4, ge=1)
     realistic_prob: float = Field(0.0, ge=0, le=1)
+    final_sinc_prob: float = Field(0.8, ge=0, le=1)  # a sinc filter with the final resize (Real-ESRGAN: 0.8)
     first: StageConfig = StageConfig()
     second: StageConfig = StageConfig(
         blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
@@ -127,6 +131,27 @@ def random_kernel(stage: StageConfig, rng: np.random.Generator) -> np.ndarray:
     else:
         kernel = np.exp(-0.5 * distance)
     return (kernel / kernel.sum()).astype(np.float32)
+
+
+def sinc_kernel(size: int, cutoff: float) -> np.ndarray:
+    """Ideal circular low-pass of angular ``cutoff`` (radians/pixel, up to pi): ``c J1(c r) / (2 pi r)``,
+    normalised (float32, sums to 1). Its negative side lobes are what make ringing."""
+    if size % 2 == 0 or size < 3:
+        raise ValueError(f"sinc kernel size must be odd and >= 3, got {size}")
+    if not 0 < cutoff <= math.pi:
+        raise ValueError(f"sinc cutoff must lie in (0, pi], got {cutoff}")
+    ax = torch.arange(size, dtype=torch.float64) - size // 2
+    r = torch.hypot(ax[None, :], ax[:, None])
+    kernel = cutoff * torch.special.bessel_j1(cutoff * r) / (2 * math.pi * r.clamp_min(1e-12))
+    kernel[size // 2, size // 2] = cutoff**2 / (4 * math.pi)  # the limit at r = 0
+    return (kernel / kernel.sum()).numpy().astype(np.float32)
+
+
+def random_sinc_kernel(kernel_sizes: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Real-ESRGAN's draw: small kernels cut off in [pi/3, pi], large ones (>= 13) down to pi/5."""
+    size = int(rng.choice(kernel_sizes))
+    low = math.pi / 3 if size < 13 else math.pi / 5
+    return sinc_kernel(size, rng.uniform(low, math.pi))
 
 
 # -- stage operations on (3, H, W) float tensors in [0, 1] ---------------------------------------
@@ -198,10 +223,17 @@ class Degradation:
         # As in Real-ESRGAN, the final resize-to-target and the last JPEG come in random order.
         final_mode = cfg.second.resize_modes[rng.choice(len(cfg.second.resize_modes))]
         quality = int(rng.integers(cfg.second.jpeg_quality[0], cfg.second.jpeg_quality[1] + 1))
+        final_sinc = (random_sinc_kernel(cfg.second.kernel_sizes, rng) if rng.uniform() < cfg.final_sinc_prob
+                      else None)
+
+        def resize_and_filter(x: torch.Tensor) -> torch.Tensor:
+            x = _resize(x, target, final_mode)
+            return x if final_sinc is None else _blur(x, final_sinc)
+
         if rng.uniform() < 0.5:
-            image = _jpeg(_resize(image.clamp(0, 1), target, final_mode), quality)
+            image = _jpeg(resize_and_filter(image.clamp(0, 1)).clamp(0, 1), quality)
         else:
-            image = _resize(_jpeg(image.clamp(0, 1), quality), target, final_mode)
+            image = resize_and_filter(_jpeg(image.clamp(0, 1), quality))
         return _to_pil(image)
 
     @staticmethod
@@ -215,7 +247,8 @@ class Degradation:
     ) -> torch.Tensor:
         """Blur, resize (relative to ``reference * scale``), add noise, optionally JPEG."""
         if rng.uniform() < stage.blur_prob:
-            image = _blur(image, random_kernel(stage, rng))
+            sinc = rng.uniform() < stage.sinc_prob
+            image = _blur(image, random_sinc_kernel(stage.kernel_sizes, rng) if sinc else random_kernel(stage, rng))
         direction = rng.choice(3, p=stage.resize_probs)
         factor = (rng.uniform(1.0, stage.resize_range[1]) if direction == 0
                   else rng.uniform(stage.resize_range[0], 1.0) if direction == 1 else 1.0)

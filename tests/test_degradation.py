@@ -10,6 +10,8 @@ from dit4sr.degradation import (
     bicubic_downscale,
     bicubic_upscale,
     random_kernel,
+    random_sinc_kernel,
+    sinc_kernel,
 )
 
 CONFIG_FILE = __import__("pathlib").Path(__file__).parents[1] / "configs" / "train" / "degradation.yaml"
@@ -98,3 +100,63 @@ def test_invalid_configs_are_rejected(bad):
 def test_non_rgb_input_is_rejected():
     with pytest.raises(ValueError, match="RGB"):
         Degradation(DegradationConfig())(Image.new("L", (16, 16)), np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("size,cutoff", [(7, np.pi / 3), (13, np.pi / 5), (21, np.pi / 2), (9, np.pi)])
+def test_sinc_kernel_is_a_normalised_symmetric_circular_low_pass(size, cutoff):
+    kernel = sinc_kernel(size, cutoff)
+    assert kernel.shape == (size, size) and kernel.dtype == np.float32
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(kernel, kernel.T, atol=1e-7)
+    np.testing.assert_allclose(kernel, kernel[::-1, ::-1], atol=1e-7)
+    assert kernel[size // 2, size // 2] == kernel.max()
+    if cutoff < np.pi:
+        assert kernel.min() < 0  # the side lobes that make ringing
+    # Frequency response: passes DC, attenuates well beyond the cutoff (spectrum of the zero-padded kernel).
+    response = np.abs(np.fft.fftshift(np.fft.fft2(kernel, s=(128, 128))))
+    frequencies = np.fft.fftshift(np.fft.fftfreq(128)) * 2 * np.pi
+    radius = np.hypot(*np.meshgrid(frequencies, frequencies))
+    assert response[64, 64] == pytest.approx(1.0, abs=1e-5)
+    if cutoff < np.pi * 0.6:
+        assert response[radius > 1.6 * cutoff].mean() < 0.1
+        assert response[radius < 0.5 * cutoff].mean() > 0.8
+
+
+def test_sinc_kernel_reference_values():
+    # c * J1(c r) / (2 pi r) at r = 1, 2 for c = pi/2 (J1(pi/2) = 0.566824, J1(pi) = 0.284615), before
+    # normalisation; the centre is c^2 / (4 pi).
+    raw = sinc_kernel(5, np.pi / 2).astype(np.float64)
+    centre = (np.pi / 2) ** 2 / (4 * np.pi)
+    scale = raw[2, 2] / centre
+    assert raw[2, 3] / scale == pytest.approx(np.pi / 2 * 0.566824 / (2 * np.pi), rel=1e-4)
+    assert raw[2, 4] / scale == pytest.approx(np.pi / 2 * 0.284615 / (4 * np.pi), rel=1e-4)
+
+
+def test_sinc_kernel_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="odd"):
+        sinc_kernel(8, 1.0)
+    with pytest.raises(ValueError, match="cutoff"):
+        sinc_kernel(7, 4.0)
+
+
+def test_random_sinc_kernel_cutoff_follows_the_kernel_size():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        kernel = random_sinc_kernel((7, 21), rng)
+        assert kernel.shape in ((7, 7), (21, 21)) and kernel.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sinc_filters_take_part_in_the_second_order_degradation():
+    hr = _photo_like(96, 4)
+    with_sinc = Degradation(DegradationConfig(
+        realistic_prob=1.0, final_sinc_prob=1.0,
+        first=StageConfig(sinc_prob=1.0), second=StageConfig(sinc_prob=1.0)))
+    without = Degradation(DegradationConfig(
+        realistic_prob=1.0, final_sinc_prob=0.0,
+        first=StageConfig(sinc_prob=0.0), second=StageConfig(sinc_prob=0.0)))
+    a = np.asarray(with_sinc(hr, np.random.default_rng(3)))
+    assert np.array_equal(a, np.asarray(with_sinc(hr, np.random.default_rng(3))))
+    assert a.shape == (24, 24, 3)
+    assert not np.array_equal(a, np.asarray(without(hr, np.random.default_rng(3))))
+    with pytest.raises(ValidationError):
+        DegradationConfig.model_validate({"final_sinc_prob": 2})

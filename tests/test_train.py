@@ -7,7 +7,9 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
+from tiny_components import TINY_SETTINGS
+from train_support import images as _images
+from train_support import train_config as _config
 
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
 from dit4sr.train import TrainConfig, Trainer, main, read_list, write_pipeline_root
@@ -18,34 +20,6 @@ TRAIN_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "configs" / "tr
 
 
 pytestmark = pytest.mark.usefixtures("few_torch_threads")
-
-
-def _images(folder, count=3, size=48):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(count):
-        coarse = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((size, size), Image.BICUBIC)
-        # Sharp edges on top of the smooth field: detail that bicubic downscaling loses.
-        array = np.asarray(image).copy()
-        array[:, ::8] = 255 - array[:, ::8]
-        Image.fromarray(array).save(folder / f"img{i}.png")
-    return folder
-
-
-def _config(tmp_path, **optim) -> TrainConfig:
-    data = _images(tmp_path / "photos" / "set")
-    (tmp_path / "holdout.txt").write_text("set/img2.png\n")
-    raw = {
-        "output_dir": str(tmp_path / "run"), "seed": 3, "checkpoint_every": 3, "keep_checkpoints": 5,
-        "log_every": 1, "recommended_settings": TINY_SETTINGS,
-        "model": {"transformer": TINY_TRANSFORMER},
-        "data": {"roots": [str(data)], "holdout_list": str(tmp_path / "holdout.txt"), "crop_size": 32},
-        "optim": {"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 2, **optim},
-    }
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return TrainConfig.from_yaml(path)
 
 
 def test_held_out_images_are_never_trained_on(tmp_path):
@@ -159,3 +133,178 @@ def test_bundled_model_is_complete_small_and_loads():
     assert out.shape == (48, 64, 3)
     # A flat image stays (nearly) flat and keeps its colour.
     assert np.abs(out - (200, 60, 20)).mean() < 4
+
+
+# -- data: skipping, sharding, prefetching ------------------------------------------------------
+def test_undecodable_and_too_small_images_are_skipped_and_counted(tmp_path, caplog):
+    config = _config(tmp_path)
+    folder = pathlib.Path(config.data.roots[0])
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    Image.new("RGB", (16, 16)).save(folder / "tiny.png")
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(config)
+    assert sorted(trainer.source.skipped) == ["set/broken.png", "set/tiny.png"]
+    assert "cannot be decoded" in trainer.source.skipped["set/broken.png"]
+    assert "smaller than crop_size" in trainer.source.skipped["set/tiny.png"]
+    assert "skipped 2 training image(s)" in caplog.text
+    trainer.fit(show_progress=False)
+    state = json.loads((tmp_path / "run" / "checkpoint-0000006" / "training_state" / "state.json").read_text())
+    assert sorted(state["skipped_images"]) == ["set/broken.png", "set/tiny.png"]
+
+
+def test_undecodable_image_found_while_training_is_skipped_without_preload(tmp_path):
+    config = _config(tmp_path)
+    config.data.preload = False
+    (pathlib.Path(config.data.roots[0]) / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    trainer = Trainer(config)
+    losses = trainer.fit(show_progress=False)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert list(trainer.source.skipped) == ["set/broken.jpg"]
+
+
+def test_a_step_draws_the_same_samples_however_many_workers_share_it(tmp_path):
+    from dit4sr.degradation import Degradation, DegradationConfig
+    from dit4sr.training.data import ShardedPairSource, list_images
+
+    files = list_images([str(_images(tmp_path / "set", count=6))])
+    degradation = Degradation(DegradationConfig(realistic_prob=0.5))
+    one = ShardedPairSource(files, 32, degradation, seed=5, batch_size=4, num_shards=2)
+    halves = [ShardedPairSource(files, 32, degradation, seed=5, batch_size=2, rank=r, world_size=2)
+              for r in range(2)]
+    # Each worker holds only its own shard of the files.
+    held = [{key for key, _ in members} for h in halves for members in h.shards.values()]
+    assert held[0].isdisjoint(held[1]) and held[0] | held[1] == {key for key, _ in files}
+    assert set(halves[0].images) == held[0]
+    for step in (0, 7):
+        whole = one.batch(step)
+        parts = [h.batch(step) for h in halves]
+        assert torch.equal(whole.hr, torch.cat([p.hr for p in parts]))
+        assert torch.equal(whole.lr, torch.cat([p.lr for p in parts]))
+        assert whole.noise_seeds == parts[0].noise_seeds + parts[1].noise_seeds
+
+
+def test_prefetching_loader_yields_exactly_the_direct_batches_and_measures_waiting(tmp_path):
+    from dit4sr.training.data import PrefetchingLoader
+
+    trainer = Trainer(_config(tmp_path, batch_size=3))
+    loader = PrefetchingLoader(trainer.source, start_step=2, end_step=7, num_workers=3, prefetch=3)
+    try:
+        for step in range(2, 7):
+            batch, direct = loader.get(step), trainer.source.batch(step)
+            assert torch.equal(batch.hr, direct.hr) and torch.equal(batch.lr, direct.lr)
+            assert batch.noise_seeds == direct.noise_seeds
+        with pytest.raises(Exception):
+            loader.get(7)  # nothing was prepared beyond the end
+    finally:
+        loader.close()
+    assert loader.wait_seconds >= 0
+    trainer.fit(show_progress=False)
+    assert 0 <= trainer.data_wait_fraction < 1
+
+
+# -- device, precision, memory ------------------------------------------------------------------
+def test_device_and_precision_resolution_on_this_machine():
+    from dit4sr.train import TrainingInputError, resolve_precision, resolve_training_device
+
+    cpu = torch.device("cpu")
+    assert resolve_training_device("cpu") == cpu
+    assert resolve_precision("auto", cpu) is None  # fp32 on the CPU
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16  # asked for explicitly: CPU autocast
+    with pytest.raises(TrainingInputError, match="unknown device 'gpu0'"):
+        resolve_training_device("gpu0")
+    with pytest.raises(TrainingInputError, match="not supported for training"):
+        resolve_training_device("meta")
+    if torch.cuda.is_available():
+        assert resolve_training_device("auto").type == "cuda"
+        expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        assert resolve_precision("auto", torch.device("cuda")) is expected
+        with pytest.raises(TrainingInputError, match="not available"):
+            resolve_training_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        assert resolve_training_device("auto") == cpu
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(TrainingInputError, match=f"device '{name}' is not available: torch sees no CUDA"):
+                resolve_training_device(name)
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = _config(tmp_path / precision)
+        config.precision = precision
+        trainer = Trainer(config)
+        assert trainer.autocast_dtype == (torch.bfloat16 if precision == "bf16" else None)
+        losses[precision] = trainer.fit(show_progress=False)
+    assert losses["bf16"] != losses["fp32"]  # autocast really ran in bfloat16
+    np.testing.assert_allclose(losses["bf16"], losses["fp32"], rtol=0.05)
+    state = json.loads((tmp_path / "bf16" / "run" / "checkpoint-0000006" / "training_state" / "state.json")
+                       .read_text())
+    assert state["precision"] == "torch.bfloat16" and state["device_type"] == "cpu"
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    grads = []
+    for checkpointing in (False, True):
+        config = _config(tmp_path / str(checkpointing))
+        config.model.gradient_checkpointing = checkpointing
+        trainer = Trainer(config)
+        assert trainer.transformer.gradient_checkpointing is checkpointing
+        trainer.fit(show_progress=False, stop_at=1)  # a non-zero output layer, so every block gets gradients
+        loss = trainer.loss(1)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in trainer.params]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# -- bad input: clear errors from the command line ----------------------------------------------
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dit4sr-train: error: ") and "Traceback" not in err
+    return err
+
+
+def test_missing_data_folder_is_named(tmp_path, capsys):
+    _config(tmp_path)
+    raw = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    raw["data"]["roots"] = [str(tmp_path / "no-such-photos")]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    err = _cli_error(capsys, ["--config", str(tmp_path / "train.yaml"), "--no-progress"])
+    assert f"training data folder {tmp_path / 'no-such-photos'} does not exist" in err
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    _config(tmp_path)
+    raw = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    raw["optim"]["lerning_rate"] = 1e-3
+    raw["colour"] = "blue"
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    err = _cli_error(capsys, ["--config", str(tmp_path / "train.yaml")])
+    assert "unknown key 'optim.lerning_rate'" in err and "unknown key 'colour'" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_absent_device_is_named(tmp_path, capsys):
+    _config(tmp_path)
+    err = _cli_error(capsys, ["--config", str(tmp_path / "train.yaml"), "--device", "cuda"])
+    assert "device 'cuda' is not available: torch sees no CUDA GPU" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was read or written
+
+
+def test_checkpoint_of_a_different_architecture_is_refused(tmp_path, capsys):
+    config = _config(tmp_path)
+    assert main(["--config", str(tmp_path / "train.yaml"), "--no-progress", "--max-steps", "3"]) == 0
+    raw = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    raw["model"]["transformer"]["num_layers"] = 3
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
+    err = _cli_error(capsys, ["--config", str(tmp_path / "train.yaml"), "--no-progress", "--resume"])
+    assert "checkpoint-0000003 is of a different architecture" in err
+    assert "num_layers: 2 in the checkpoint, 3 here" in err
+    # A different trainable set is named too.
+    config.model.transformer = None
+    config.model.pretrained, config.model.trainable = str(tmp_path / "run" / "checkpoint-0000003"), "control"
+    with pytest.raises(Exception, match=r"trained \d+ parameter tensors, this config trains \d+"):
+        Trainer(config).resume()

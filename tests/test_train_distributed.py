@@ -1,0 +1,100 @@
+"""Ray Train data-parallel training (TorchTrainer, DDP over gloo) with 2 CPU workers on a real local Ray,
+checkpoints through Ray Train's storage on a real S3 API (moto over HTTP, s3fs)."""
+
+import json
+import os
+import pathlib
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_support import train_config
+
+from dit4sr.train import Trainer, TrainingInputError, main
+from dit4sr.training.distributed import train_distributed
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Ray's worker processes import dit4sr from the checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("few_torch_threads")]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    bucket = f"runs-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield bucket, {"key": "testing", "secret": "testing", "endpoint_url": endpoint,
+                   "client_kwargs": {"region_name": "us-east-1"}}
+    server.stop()
+
+
+def _distributed_config(tmp_path, s3, batch_size, run_name):
+    bucket, options = s3
+    return train_config(tmp_path, count=6, batch_size=batch_size, extra={
+        "data": {"num_shards": 2, "num_workers": 1},
+        "distributed": {"num_workers": 2, "storage": f"s3://{bucket}/train", "storage_options": options,
+                        "run_name": run_name},
+    })
+
+
+def _checkpoint_state(result) -> tuple[list[float], dict]:
+    with result.checkpoint.as_directory() as folder:
+        state = pathlib.Path(folder) / "training_state"
+        return json.loads((state / "losses.json").read_text()), load_file(str(state / "transformer" /
+                                                                               "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(tmp_path, ray_cluster, s3):
+    # One process, global batch 4 from the same two data shards.
+    single = Trainer(_distributed_config(tmp_path / "single", s3, batch_size=4, run_name="unused"))
+    single_losses = single.fit(show_progress=False)
+
+    # Two Ray Train workers x batch 2, straight through.
+    config = _distributed_config(tmp_path / "ray", s3, batch_size=2, run_name="straight")
+    straight_losses, straight_weights = _checkpoint_state(train_distributed(config, show_progress=False))
+    assert len(straight_losses) == 6
+    np.testing.assert_allclose(straight_losses, single_losses, rtol=1e-5)
+    for name, value in single.transformer.state_dict().items():
+        torch.testing.assert_close(straight_weights[name], value, rtol=1e-4, atol=1e-6)
+
+    # The same run stopped after step 3, then continued from Ray Train's latest checkpoint via the CLI.
+    config = _distributed_config(tmp_path / "resumed", s3, batch_size=2, run_name="resumed")
+    first = train_distributed(config, stop_at=3, show_progress=False)
+    assert _checkpoint_state(first)[0] == straight_losses[:3]
+    with pytest.raises(TrainingInputError, match="already exists: pass --resume"):
+        train_distributed(config, show_progress=False)
+    assert main(["--config", str(tmp_path / "resumed" / "train.yaml"), "--num-workers", "2", "--resume",
+                 "--no-progress"]) == 0
+    bucket, options = s3
+    import fsspec
+
+    fs = fsspec.filesystem("s3", **options)
+    checkpoints = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/train/resumed") if "checkpoint-" in p)
+    assert checkpoints == ["checkpoint-0000003", "checkpoint-0000006"]
+    with fs.open(f"{bucket}/train/resumed/checkpoint-0000006/training_state/losses.json") as f:
+        assert json.load(f) == straight_losses  # bit for bit
+    with fs.open(f"{bucket}/train/resumed/checkpoint-0000006/model_index.json") as f:
+        assert json.load(f)["transformer"] == ["dit4sr", "DiT4SRTransformer2DModel"]
