@@ -416,8 +416,8 @@ class Trainer:
                       prompts: tuple[PromptEmbedding, PromptEmbedding] | None) -> tuple[PromptEmbedding,
                                                                                          PromptEmbedding]:
         if prompts is not None:
-            prompt, encoded_null = prompts
-            null_prompt = null_prompt or encoded_null
+            # The null text as the official trainer makes it: "" through the same encoders as the prompt.
+            prompt, null_prompt = prompts
         else:
             if null_prompt is None:
                 raise TrainingInputError(f"{self.config.model.pretrained} has no null-prompt embedding "
