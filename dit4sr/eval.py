@@ -7,11 +7,17 @@ upscaled back by bicubic and by the model. Metrics are on the Y channel of ITU-R
 and SSIM with an 11x11 Gaussian window (sigma 1.5), K1 = 0.01, K2 = 0.03, as Wang et al. 2004.
 Sharpness is the variance of the Laplacian of Y (higher = more high-frequency detail; the HR value is
 the target, not a maximum) and the mean gradient magnitude of Y.
+
+``--lr-degradation`` degrades the 8-bit LR further before both bicubic and the model see it, as real
+low-quality inputs are: ``jpeg:Q`` (JPEG at quality Q), ``noise:S`` (Gaussian noise of standard deviation S
+on the 0..255 scale, seeded by the image name), chained with ``+`` in order, e.g. ``noise:8+jpeg:40``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import math
 import sys
@@ -90,6 +96,29 @@ def mean_scores(rows: list[ImageScores]) -> dict[str, float]:
             for key in ("psnr", "ssim", "laplacian_var", "gradient")}
 
 
+def degrade_lr(lr: Image.Image, spec: str | None, name: str = "") -> Image.Image:
+    """Apply ``jpeg:Q`` / ``noise:S`` steps (``+``-separated) to an 8-bit RGB image; noise seeded by ``name``."""
+    for step in filter(None, (spec or "").split("+")):
+        kind, _, value = step.partition(":")
+        try:
+            amount = float(value)
+        except ValueError:
+            raise ValueError(f"LR degradation step {step!r}: expected jpeg:QUALITY or noise:SIGMA") from None
+        if kind == "jpeg":
+            if not 1 <= amount <= 100:
+                raise ValueError(f"LR degradation {step!r}: JPEG quality must lie in 1..100")
+            buffer = io.BytesIO()
+            lr.save(buffer, format="JPEG", quality=int(amount))
+            lr = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        elif kind == "noise":
+            seed = int.from_bytes(hashlib.sha256(f"{name}/{step}".encode()).digest()[:8], "little")
+            noise = np.random.default_rng(seed).normal(0.0, amount, (lr.height, lr.width, 3))
+            lr = Image.fromarray(np.clip(np.asarray(lr, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8))
+        else:
+            raise ValueError(f"LR degradation step {step!r}: expected jpeg:QUALITY or noise:SIGMA")
+    return lr
+
+
 def list_hr_images(hr_dir: str, list_file: str | None = None) -> list[Path]:
     """The images named in ``list_file`` (paths relative to ``hr_dir``; ``#`` comments), else all under it."""
     root = Path(hr_dir)
@@ -105,7 +134,7 @@ def list_hr_images(hr_dir: str, list_file: str | None = None) -> list[Path]:
 
 
 def evaluate(pipe, paths: list[Path], hr_dir: str, scale: int = 4, pipe_kwargs: dict | None = None,
-             save_dir: str | None = None, show_progress: bool = True) -> dict:
+             save_dir: str | None = None, show_progress: bool = True, lr_degradation: str | None = None) -> dict:
     """Scores of bicubic, the model and the HR image itself (sharpness reference) per image and on average."""
     from tqdm.auto import tqdm
 
@@ -114,7 +143,7 @@ def evaluate(pipe, paths: list[Path], hr_dir: str, scale: int = 4, pipe_kwargs: 
         name = path.relative_to(hr_dir).as_posix()
         hr = Image.open(path).convert("RGB")
         hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
-        lr = bicubic_downscale(hr, scale)
+        lr = degrade_lr(bicubic_downscale(hr, scale), lr_degradation, name)
         hr_array = np.asarray(hr)
         bicubic = np.asarray(bicubic_upscale(lr, scale))
         result = pipe(lr, upscale=scale, show_progress=False, output_type="pil", **(pipe_kwargs or {})).images[0]
@@ -162,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's recommended)")
     parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's recommended)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr-degradation", help="further degrade the LR: jpeg:Q, noise:S, chained with +")
     parser.add_argument("--tile-size", type=int)
     parser.add_argument("--tile-overlap", type=int)
     parser.add_argument("--color-fix", choices=("adain", "wavelet", "none"))
@@ -179,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         paths = list_hr_images(args.hr_dir, args.list)
-    except FileNotFoundError as error:
+        degrade_lr(Image.new("RGB", (8, 8)), args.lr_degradation)  # a bad spec fails before the model loads
+    except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     if not paths:
         parser.error(f"no images found under {args.hr_dir}")
@@ -188,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         "num_inference_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
         "tile_size": args.tile_size, "tile_overlap": args.tile_overlap, "color_fix": args.color_fix,
     }.items() if v is not None}
-    result = evaluate(pipe, paths, args.hr_dir, args.scale, pipe_kwargs, args.save_dir)
-    result["settings"] = {"model": args.model, "scale": args.scale, **pipe_kwargs}
+    result = evaluate(pipe, paths, args.hr_dir, args.scale, pipe_kwargs, args.save_dir,
+                      lr_degradation=args.lr_degradation)
+    result["settings"] = {"model": args.model, "scale": args.scale, "lr_degradation": args.lr_degradation,
+                          **pipe_kwargs}
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from dit4sr.eval import (
+    degrade_lr,
     evaluate,
     gradient_energy,
     laplacian_variance,
@@ -130,3 +131,34 @@ def test_eval_command_prints_table_and_writes_json(tmp_path, tiny_model_root, ca
     scores = json.loads(out.read_text())
     assert scores["images"] == 2 and len(scores["per_image"]["model"]) == 2
     assert Image.open(tmp_path / "sr" / "set" / "0.png").size == (48, 40)
+
+
+def test_lr_degradation_is_seeded_jpeg_and_noise():
+    lr = Image.fromarray(_textured(32, 32, 4))
+    assert degrade_lr(lr, None) is lr and degrade_lr(lr, "") is lr
+    noisy = np.asarray(degrade_lr(lr, "noise:10", "a.png"), dtype=np.float64)
+    assert np.array_equal(noisy, np.asarray(degrade_lr(lr, "noise:10", "a.png")))
+    assert not np.array_equal(noisy, np.asarray(degrade_lr(lr, "noise:10", "b.png")))
+    # Clipping at 30..220 does not occur for sigma 10: the residual's spread is the sigma.
+    assert np.std(noisy - np.asarray(lr, dtype=np.float64)) == pytest.approx(10, rel=0.1)
+    buffer = __import__("io").BytesIO()
+    lr.save(buffer, format="JPEG", quality=30)
+    assert np.array_equal(np.asarray(degrade_lr(lr, "jpeg:30")), np.asarray(Image.open(buffer).convert("RGB")))
+    chained = degrade_lr(lr, "noise:10+jpeg:30", "a.png")
+    assert chained.size == lr.size and chained.mode == "RGB"
+    for bad in ("blur:3", "jpeg:0", "noise:x"):
+        with pytest.raises(ValueError, match="LR degradation"):
+            degrade_lr(lr, bad)
+
+
+def test_eval_with_degraded_lr_scores_lower_and_rejects_bad_specs(tmp_path, tiny_model_root, capsys):
+    from dit4sr.pipeline_dit4sr import DiT4SRPipeline
+
+    hr = _hr_folder(tmp_path)
+    pipe = DiT4SRPipeline.from_pretrained(str(tiny_model_root), device="cpu")
+    clean = evaluate(pipe, list_hr_images(str(hr)), str(hr), show_progress=False)
+    degraded = evaluate(pipe, list_hr_images(str(hr)), str(hr), show_progress=False, lr_degradation="noise:20")
+    assert degraded["mean"]["bicubic"]["psnr"] < clean["mean"]["bicubic"]["psnr"] - 0.2
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_model_root), "--hr-dir", str(hr), "--lr-degradation", "blur:2"])
+    assert "LR degradation step 'blur:2'" in capsys.readouterr().err
