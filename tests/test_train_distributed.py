@@ -98,3 +98,14 @@ def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(
         assert json.load(f) == straight_losses  # bit for bit
     with fs.open(f"{bucket}/train/resumed/checkpoint-0000006/model_index.json") as f:
         assert json.load(f)["transformer"] == ["dit4sr", "DiT4SRTransformer2DModel"]
+
+
+def test_a_bad_input_met_by_the_workers_is_named(tmp_path, ray_cluster, s3, capsys):
+    config = _distributed_config(tmp_path, s3, batch_size=2, run_name="bad")
+    raw = __import__("yaml").safe_load((tmp_path / "train.yaml").read_text())
+    raw["data"]["roots"] = [str(tmp_path / "no-such-photos")]
+    (tmp_path / "train.yaml").write_text(__import__("yaml").safe_dump(raw))
+    assert config.distributed.num_workers == 2
+    assert main(["--config", str(tmp_path / "train.yaml"), "--num-workers", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"dit4sr-train: error: worker 0: training data folder {tmp_path / 'no-such-photos'} does not exist" in err

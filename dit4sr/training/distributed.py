@@ -79,6 +79,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     trainer.fit(show_progress=loop_config["show_progress"], stop_at=loop_config["stop_at"], on_checkpoint=report)
 
 
+def _input_error(failure: BaseException | None) -> BaseException | None:
+    """The ``TrainingInputError`` behind a worker failure (Ray re-raises it wrapped), if any."""
+    seen = set()
+    while failure is not None and id(failure) not in seen:
+        seen.add(id(failure))
+        if isinstance(failure, TrainingInputError):
+            return failure
+        failure = getattr(failure, "cause", None) or failure.__cause__
+    return None
+
+
 def run_exists(config) -> bool:
     _, _, fs, run_folder = _storage(config)
     return fs.exists(run_folder) and bool(fs.ls(run_folder))
@@ -108,7 +119,15 @@ def train_distributed(config, prompts: tuple[PromptEmbedding, PromptEmbedding] |
             name=dist.run_name, storage_path=storage_path, storage_filesystem=arrow_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        # A bad input met by a worker (data folder, checkpoint, device) reads as on one device.
+        for rank, failure in sorted((getattr(error, "worker_failures", None) or {}).items()):
+            cause = _input_error(failure)
+            if cause is not None:
+                raise TrainingInputError(f"worker {rank}: {cause}") from None
+        raise
     logger.info("Ray Train run %s finished; latest checkpoint %s", run_folder,
                 result.checkpoint.path if result.checkpoint else None)
     return result
