@@ -54,12 +54,8 @@ from .models import DiT4SRTransformer2DModel, PixelUnshuffleAutoencoder
 from .parameterization import predicted_velocity
 from .prompt_cache import PromptEmbedding, load_null_prompt_embedding
 from .storage import local_copy
-from .tiling import (
-    TILE_WEIGHTINGS,
-    normalized_tile_weights,
-    plan_tiles,
-    whole_image_noise,
-)
+from .geometry import SamplingGeometry, plan_geometry, resize_plan
+from .tiling import TILE_WEIGHTINGS, normalized_tile_weights, whole_image_noise
 from .vae_tiling import VAE_TILINGS, decode_latents, encode_image
 
 # Bump whenever a sampler change alters output bytes (the catalog folds it into its config fingerprint).
@@ -349,25 +345,22 @@ class DiT4SRPipeline(DiffusionPipeline):
         return cond, uncond
 
     # -- geometry -----------------------------------------------------------------------------------
-    def resize_plan(self, height: int, width: int, upscale: float, process_size: int) -> list[tuple[int, int]]:
-        """The official sequence of bicubic resizes, as (height, width) targets: short side raised to
-        ``process_size // upscale`` when smaller (and never below one latent patch), times ``upscale``,
-        rounded down to the VAE factor. The last entry is the size the model works at."""
-        factor = self.vae_scale_factor
-        min_side = max(process_size // upscale, math.ceil(factor * self.transformer.config.patch_size / upscale))
-        plan = []
-        if min(height, width) < min_side:
-            scale = min_side / min(height, width)
-            height, width = int(scale * height), int(scale * width)
-            plan.append((height, width))
-        height, width = int(height * upscale), int(width * upscale)
-        plan += [(height, width), (height // factor * factor, width // factor * factor)]
-        return plan
+    def geometry(self, height: int, width: int, upscale: float, **settings: Any) -> SamplingGeometry:
+        """Resizes, latent size and tile grid a call would use for a ``height x width`` input (settings as in a
+        call; ``None`` values resolve as there). See ``dit4sr.geometry``."""
+        return self._geometry(height, width, upscale, self.effective_settings(**settings))
 
-    def _bicubic_input(self, x: torch.Tensor, upscale: float, process_size: int) -> torch.Tensor:
-        for size in self.resize_plan(*x.shape[-2:], upscale, process_size):
-            x = resize_bicubic(x, size).clamp(0.0, 1.0)  # the official PIL resizes clamp to 8 bits each time
-        return x
+    def _geometry(self, height: int, width: int, upscale: float, settings: dict[str, Any]) -> SamplingGeometry:
+        config = self.transformer.config
+        return plan_geometry(height, width, upscale=upscale, process_size=settings["process_size"],
+                             vae_scale_factor=self.vae_scale_factor, patch_size=config.patch_size,
+                             tile_size=settings["tile_size"], tile_overlap=settings["tile_overlap"],
+                             max_latent_side=config.pos_embed_max_size * config.patch_size)
+
+    def resize_plan(self, height: int, width: int, upscale: float, process_size: int) -> list[tuple[int, int]]:
+        """The official sequence of bicubic resizes as (height, width) targets; the last is the working size."""
+        return list(resize_plan(height, width, upscale, process_size, self.vae_scale_factor,
+                                self.transformer.config.patch_size))
 
     def _tile_batch_size(self, requested: int | None, tiles: int, tokens: int, device: torch.device) -> int:
         """Tiles per transformer call. Auto: as many as fit an activation budget of a quarter of the GPU's
@@ -407,50 +400,51 @@ class DiT4SRPipeline(DiffusionPipeline):
         v_uncond, v_cond = velocity.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)
 
-    def _step(self, latents, lr_tiles, tile_slices, weights, batch_size, step, timestep, sigmas, cond, uncond,
+    def _step(self, latents, lr_tiles, items, grid, weights, batch_size, step, timestep, sigmas, cond, uncond,
               guidance_scale, progress) -> torch.Tensor:
-        """One Euler step over all tiles: gather, predict in batches, blend, step the whole latent."""
-        tiles = torch.cat([latents[:, :, ys, xs] for ys, xs in tile_slices])
-        velocity = torch.zeros_like(latents) if len(tile_slices) > 1 else None
-        for start in range(0, len(tile_slices), batch_size):
-            stop = min(start + batch_size, len(tile_slices))
+        """One Euler step over every tile of every image: gather, predict in batches, blend, step the latents."""
+        tiles = torch.cat([latents[(image, slice(None), *grid.slices(tile))][None] for image, tile in items])
+        velocity = torch.zeros_like(latents)
+        for start in range(0, len(items), batch_size):
+            stop = min(start + batch_size, len(items))
             predicted = self._velocity(tiles[start:stop], lr_tiles[start:stop], timestep, sigmas[step],
                                        cond, uncond, guidance_scale)
-            if velocity is None:
-                velocity = predicted
-            else:
-                # Fixed tile order, whatever the batching: batch size only changes rounding in the model.
-                for j in range(stop - start):
-                    ys, xs = tile_slices[start + j]
-                    velocity[:, :, ys, xs].addcmul_(predicted[j:j + 1], weights[start + j])
+            # Fixed item order, whatever the batching: batch size only changes rounding in the model.
+            for j, (image, tile) in enumerate(items[start:stop]):
+                ys, xs = grid.slices(tile)
+                velocity[image:image + 1, :, ys, xs].addcmul_(predicted[j:j + 1], weights[tile])
             progress.update(stop - start)
         return self.scheduler.step(velocity, timestep, latents, return_dict=False)[0]
 
-    def _denoise(self, lr_latents, settings, cond, uncond, seed, show_progress) -> torch.Tensor:
+    def _denoise(self, lr_latents, grid, settings, cond, uncond, noise, show_progress) -> torch.Tensor:
+        """Sample a batch of same-size latents together: the tiles of all images share transformer calls.
+
+        ``noise``: the starting noise, ``(1 or images, C, H, W)``; one field shared by all images is what makes
+        the frames of a clip consistent.
+        """
         device = lr_latents.device
         config = self.transformer.config
-        _, channels, height, width = lr_latents.shape
-        grid = plan_tiles(height, width, settings["tile_size"], settings["tile_overlap"],
-                          multiple=config.patch_size, max_side=config.pos_embed_max_size * config.patch_size)
+        images = lr_latents.shape[0]
         weights = normalized_tile_weights(grid, settings["tile_weighting"]).to(device)
         tokens = 2 * grid.tile_height * grid.tile_width // config.patch_size**2 + cond[0].shape[1]
-        batch_size = self._tile_batch_size(settings["tile_batch_size"], len(grid),
+        items = [(image, tile) for image in range(images) for tile in range(len(grid))]  # image-major
+        batch_size = self._tile_batch_size(settings["tile_batch_size"], len(items),
                                            tokens * (2 if uncond is not None else 1), device)
-        tile_slices = [grid.slices(i) for i in range(len(grid))]
-        lr_tiles = torch.cat([lr_latents[:, :, ys, xs] for ys, xs in tile_slices]).to(self.transformer.dtype)
+        lr_tiles = torch.cat([lr_latents[(image, slice(None), *grid.slices(tile))][None]
+                              for image, tile in items]).to(self.transformer.dtype)
 
         scheduler = self.scheduler
         scheduler.set_timesteps(settings["num_inference_steps"], device=device)
         sigmas = scheduler.sigmas.to(device=device, dtype=torch.float32)
-        noise = whole_image_noise((1, channels, height, width), seed).to(device)
+        noise = noise.to(device).expand(images, -1, -1, -1)
         if settings["start_point"] == "lr":
             latents = (1.0 - sigmas[0]) * lr_latents + sigmas[0] * noise
         else:
-            latents = noise
-        with tqdm(total=len(scheduler.timesteps) * len(grid), desc="DiT4SR", unit="tile",
+            latents = noise.clone()
+        with tqdm(total=len(scheduler.timesteps) * len(items), desc="DiT4SR", unit="tile",
                   disable=not show_progress) as progress:
             for step, timestep in enumerate(scheduler.timesteps):
-                latents = self._step(latents, lr_tiles, tile_slices, weights, batch_size, step, timestep, sigmas,
+                latents = self._step(latents, lr_tiles, items, grid, weights, batch_size, step, timestep, sigmas,
                                      cond, uncond, settings["guidance_scale"], progress)
         if not torch.isfinite(latents).all():
             raise FloatingPointError(
@@ -458,19 +452,29 @@ class DiT4SRPipeline(DiffusionPipeline):
                 f"({self.transformer.dtype}) may overflow — try torch_dtype='float32' or 'bfloat16'")
         return latents
 
-    def _upscale_one(self, rgb, alpha, upscale, settings, cond, uncond, seed, show_progress) -> np.ndarray:
-        device = self._execution_device
-        height, width = rgb.shape[:2]
-        target = (max(1, round(height * upscale)), max(1, round(width * upscale)))
-        x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]
-        lr_image = self._bicubic_input(x, upscale, settings["process_size"])
+    def _initial_noise(self, geometry: SamplingGeometry, count: int, seeds: list[int],
+                       latents: torch.Tensor | None) -> torch.Tensor:
+        """``(1 or count, C, H, W)`` starting noise: the caller's ``latents``, else drawn from the seed(s)."""
+        shape = (self.transformer.config.in_channels, geometry.latent_height, geometry.latent_width)
+        if latents is None:
+            if len(set(seeds)) == 1:  # one field shared by every image
+                return whole_image_noise(shape, seeds[0])[None]
+            return torch.stack([whole_image_noise(shape, seed) for seed in seeds])
+        noise = latents[None] if latents.ndim == 3 else latents
+        if noise.ndim != 4 or tuple(noise.shape[1:]) != shape or noise.shape[0] not in (1, count):
+            raise ValueError(f"latents must have shape (1 or {count}, {', '.join(map(str, shape))}) for these "
+                             f"images, got {tuple(latents.shape)}")
+        return noise.float()
 
-        latent_dist_mean = encode_image(self.vae, lr_image * 2.0 - 1.0, settings["vae_tiling"])
+    def _encode_lr(self, lr_image: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
         vae_config = self.vae.config
         shift = getattr(vae_config, "shift_factor", None) or 0.0
-        lr_latents = ((latent_dist_mean.float() - shift) * vae_config.scaling_factor)
+        latent_dist_mean = encode_image(self.vae, lr_image * 2.0 - 1.0, settings["vae_tiling"])
+        return (latent_dist_mean.float() - shift) * vae_config.scaling_factor
 
-        latents = self._denoise(lr_latents, settings, cond, uncond, seed, show_progress)
+    def _decode(self, latents, lr_image, alpha, target, settings) -> np.ndarray:
+        vae_config = self.vae.config
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
         decoded = decode_latents(self.vae, latents / vae_config.scaling_factor + shift, settings["vae_tiling"])
         if not torch.isfinite(decoded).all():
             raise FloatingPointError(f"the VAE decoder produced NaN or infinite values in {self.vae.dtype}")
@@ -478,9 +482,28 @@ class DiT4SRPipeline(DiffusionPipeline):
         restored = apply_color_fix(settings["color_fix"], restored, lr_image).clamp(0.0, 1.0)
         restored = resize_bicubic(restored, target).clamp(0.0, 1.0)
         if alpha is not None:
-            alpha_t = torch.from_numpy(alpha).to(device)[None, None]
+            alpha_t = torch.from_numpy(alpha).to(restored.device)[None, None]
             restored = torch.cat([restored, resize_bicubic(alpha_t, target).clamp(0.0, 1.0)], dim=1)
         return restored[0].permute(1, 2, 0).cpu().numpy()
+
+    def _upscale_group(self, inputs, upscale, settings, cond, uncond, seeds, latents, show_progress
+                       ) -> list[np.ndarray]:
+        """Upscale same-size images together: VAE one image at a time, the transformer over all their tiles."""
+        device = self._execution_device
+        height, width = inputs[0][0].shape[:2]
+        target = (max(1, round(height * upscale)), max(1, round(width * upscale)))
+        geometry = self._geometry(height, width, upscale, settings)
+        lr_images = []
+        for rgb, _ in inputs:
+            x = torch.from_numpy(rgb).to(device).permute(2, 0, 1)[None]
+            for size in geometry.resizes:
+                x = resize_bicubic(x, size).clamp(0.0, 1.0)  # the official PIL resizes clamp to 8 bits each time
+            lr_images.append(x)
+        lr_latents = torch.cat([self._encode_lr(lr_image, settings) for lr_image in lr_images])
+        noise = self._initial_noise(geometry, len(inputs), seeds, latents)
+        sampled = self._denoise(lr_latents, geometry.grid, settings, cond, uncond, noise, show_progress)
+        return [self._decode(sampled[i:i + 1], lr_images[i], alpha, target, settings)
+                for i, (_, alpha) in enumerate(inputs)]
 
     @staticmethod
     def _check_settings(upscale, settings, output_type):
@@ -517,7 +540,8 @@ class DiT4SRPipeline(DiffusionPipeline):
         tile_overlap: int | tuple[int, int] | None = None,
         tile_batch_size: int | None = None,
         color_fix: str | None = None,
-        seed: int = 0,
+        seed: int | list[int] = 0,
+        latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -534,7 +558,14 @@ class DiT4SRPipeline(DiffusionPipeline):
         tiles go through the transformer per call (auto by default). ``guidance_scale <= 1`` disables
         classifier-free guidance. ``tile_weighting``: "official" or "symmetric" Gaussian blending.
         ``vae_tiling``: "auto" (tiles only large images), "always" or "never". Every image in a list is
-        processed independently with the same ``seed``, exactly as if passed alone.
+        upscaled with ``seed`` (or its own entry of a list of seeds) as if passed alone, except that images of
+        one size share transformer calls (tiles batched across images: equal up to floating-point rounding).
+
+        Noise is drawn on the CPU for the whole latent from the seed, so it depends only on the seed and the
+        position in the image; ``latents`` (diffusers' convention) replaces it with the caller's own starting
+        noise, ``(C, H, W)`` or ``(1 or len(image), C, H, W)`` at the latent size of ``self.geometry(...)``.
+        Frames of a clip passed with one seed (or one ``latents`` field) share one noise field: no flicker
+        from noise, whatever the frame index or the batch.
         """
         settings = self.effective_settings(
             negative_prompt=negative_prompt, added_prompt=added_prompt, num_inference_steps=num_inference_steps,
@@ -555,9 +586,22 @@ class DiT4SRPipeline(DiffusionPipeline):
         cond, uncond = ((e.prompt_embeds[None].to(device, dtype), e.pooled_prompt_embeds[None].to(device, dtype))
                         if e is not None else None for e in (cond, uncond))
 
-        outputs = []
-        for rgb, alpha in inputs:
-            result = self._upscale_one(rgb, alpha, upscale, settings, cond, uncond, int(seed), show_progress)
-            outputs.append(to_pil(result[..., :3], result[..., 3] if alpha is not None else None)
-                           if output_type == "pil" else result)
+        seeds = [int(seed)] * len(inputs) if isinstance(seed, numbers.Integral) else [int(s) for s in seed]
+        if len(seeds) != len(inputs):
+            raise ValueError(f"got {len(seeds)} seeds for {len(inputs)} images")
+        if latents is not None and len({rgb.shape[:2] for rgb, _ in inputs}) > 1:
+            raise ValueError("latents apply to images of one size; pass same-size images (e.g. a clip's frames)")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (rgb, _) in enumerate(inputs):
+            groups.setdefault(rgb.shape[:2], []).append(index)
+        results: list[np.ndarray | None] = [None] * len(inputs)
+        for indices in groups.values():
+            group_latents = latents if latents is None or latents.ndim == 3 or latents.shape[0] == 1 \
+                else latents[indices]
+            upscaled = self._upscale_group([inputs[i] for i in indices], upscale, settings, cond, uncond,
+                                           [seeds[i] for i in indices], group_latents, show_progress)
+            for i, result in zip(indices, upscaled):
+                results[i] = result
+        outputs = [to_pil(result[..., :3], result[..., 3] if alpha is not None else None)
+                   if output_type == "pil" else result for result, (_, alpha) in zip(results, inputs)]
         return DiT4SRPipelineOutput(images=outputs)

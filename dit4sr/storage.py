@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 import fsspec
+from filelock import FileLock
 
 
 def cache_dir() -> str:
@@ -19,9 +20,11 @@ def cache_dir() -> str:
 def local_copy(location: str, subfolder: str | None = None, storage_options: dict[str, Any] | None = None) -> str:
     """Return a local folder holding ``location[/subfolder]``.
 
-    Local paths are used in place. Remote folders are copied once into the cache, keyed by URL and by
-    the remote files' identities (so a re-uploaded model is fetched again); the copy becomes visible
-    only when complete, so an interrupted download is never mistaken for a model.
+    Local paths are used in place. Remote folders are copied once per machine into the cache (``cache_dir()``,
+    node-local), keyed by URL and by the remote files' identities (so a re-uploaded model is fetched again). A
+    file lock per copy makes the processes of one machine (e.g. the upscaling actors of one Ray node, starting
+    together) download it once: the first downloads, the others wait and then use its copy. The copy becomes
+    visible only when complete, so an interrupted download is never mistaken for a model.
     """
     fs, path = fsspec.core.url_to_fs(location, **(storage_options or {}))
     if subfolder:
@@ -38,18 +41,19 @@ def local_copy(location: str, subfolder: str | None = None, storage_options: dic
     if os.path.isdir(target):
         return target
     os.makedirs(cache_dir(), exist_ok=True)
-    staging = tempfile.mkdtemp(dir=cache_dir(), prefix=".partial-")
-    try:
-        for name in listing:
-            relative = name[len(path):].lstrip("/")
-            destination = os.path.join(staging, relative)
-            os.makedirs(os.path.dirname(destination), exist_ok=True)
-            fs.get_file(name, destination)
-        os.replace(staging, target)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not os.path.isdir(target):  # another process may have won the race
-            raise
+    with FileLock(os.path.join(cache_dir(), f".{key}.lock")):
+        if os.path.isdir(target):  # another process finished the copy while this one waited
+            return target
+        staging = tempfile.mkdtemp(dir=cache_dir(), prefix=".partial-")
+        try:
+            for name in listing:
+                relative = name[len(path):].lstrip("/")
+                destination = os.path.join(staging, relative)
+                os.makedirs(os.path.dirname(destination), exist_ok=True)
+                fs.get_file(name, destination)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

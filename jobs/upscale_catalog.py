@@ -1,7 +1,8 @@
 """Upscale a photo catalog: ``python jobs/upscale_catalog.py --config FILE [--set key=value ...] [--dry-run]``.
 
 Under ``ray job submit`` the plain ``ray.init()`` joins the cluster; run directly, it starts a local Ray.
-Exit codes: 0 every input ok, 3 some inputs failed (see the manifests), 1 the job itself failed.
+Exit codes: 0 every input ok, 3 some inputs failed (see the manifests), 1 the job itself failed, 4 another run
+holds the output's run lock (nothing was done).
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. --set upscale.steps=20 (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list what would be processed or skipped and the estimated cost; loads no model")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
+                        help="the pipeline's log level; DEBUG adds one JSON line per finished input")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(args.log_level)
 
     from pipeline.config import ConfigError, load_config
     from pipeline.run import EXIT_JOB_FAILED, run_job

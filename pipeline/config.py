@@ -70,7 +70,28 @@ class UpscaleConfig(_Section):
 
 class LimitsConfig(_Section):
     max_input_pixels: int = Field(40_000_000, ge=1)
-    max_output_pixels: int = Field(400_000_000, ge=1)
+    max_output_pixels: int = Field(400_000_000, ge=1)  # per image, and per frame of a video
+    max_video_seconds: float | None = Field(None, gt=0)  # longer videos fail alone (None: no limit)
+
+
+class VideoConfig(_Section):
+    """Video files and frame sequences: how clips are cut, sampled and written back."""
+
+    # Segments (units of work shared by the actor pool) span about this long; a short clip is one segment.
+    segment_seconds: float = Field(4.0, gt=0)
+    # consistent: every frame of a clip starts from one noise field (no flicker from noise);
+    # independent: a seed per frame (for comparison only).
+    noise: Literal["consistent", "independent"] = "consistent"
+    codec: Literal["h264", "h265", "ffv1"] = "h264"
+    crf: int = Field(18, ge=0, le=51)
+    preset: str = "medium"
+    pix_fmt: str | None = None  # None: like the source (10-bit sources stay 10-bit where the codec allows)
+    frames_per_call: int = Field(4, ge=1)  # frames sampled together (their tiles share transformer batches)
+    measure_flicker: bool = True  # record each clip's flicker figure (output vs bicubic) in its manifest row
+    # Folders (globs relative to input.uri) whose numbered image files are frame sequences, one clip per
+    # folder and name pattern; elsewhere numbered images stay photos. Frames of a sequence share a pattern:
+    # the same name with only the number changed (reel_01/frame_000001.tif, ...).
+    sequence_folders: list[str] = Field(default_factory=list)
 
 
 class ActorsConfig(_Section):
@@ -92,8 +113,17 @@ class ComputeConfig(_Section):
     torch_threads: int | None = Field(None, ge=1)
 
 
+class LockConfig(_Section):
+    """The run lock (pipeline.lease): one run at a time per output.uri."""
+
+    enabled: bool = True
+    ttl_s: float = Field(300, ge=1)  # a dead run's lock is taken over this long after its last renewal
+    wait_s: float = Field(0, ge=0)  # 0: exit at once (code 4) when another run holds it; else wait this long
+
+
 class RunConfig(_Section):
     progress_interval_s: float = Field(30, gt=0)
+    lock: LockConfig = Field(default_factory=LockConfig)
 
 
 class JobConfig(_Section):
@@ -102,6 +132,7 @@ class JobConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

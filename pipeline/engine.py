@@ -11,6 +11,7 @@ is exactly what runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .config import ConfigError, JobConfig
+from .spec import RunSpec
 from .storage import Location
 
 BICUBIC_VERSION = "pil-bicubic-1"
@@ -29,6 +31,16 @@ NEGATIVE = "\x00negative"  # key of the negative prompt's embedding (never a row
 class Engine(Protocol):
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
         """float32 HxWxC (C=3 or 4) in [0, 1] -> float32 (scale*H)x(scale*W)xC in [0, 1]."""
+
+    def upscale_frames(self, frames: list[np.ndarray], *, seeds: list[int], prompt: str) -> list[np.ndarray]:
+        """Frames of one clip (same size; float32 HxWx3) with a seed each — all equal for a clip's one noise
+        field. Optional: engines without it get their ``upscale`` called frame by frame."""
+
+
+def upscale_frames(engine: Engine, frames: list[np.ndarray], *, seeds: list[int], prompt: str) -> list[np.ndarray]:
+    if hasattr(engine, "upscale_frames"):
+        return engine.upscale_frames(frames, seeds=seeds, prompt=prompt)
+    return [engine.upscale(frame, seed=seed, prompt=prompt) for frame, seed in zip(frames, seeds)]
 
 
 def engine_kind(path: str) -> str:
@@ -146,19 +158,28 @@ def texts_to_encode(settings: dict[str, Any], prompts: list[str]) -> dict[str, s
     return texts
 
 
-def tiles_per_image(settings: dict[str, Any], width: int, height: int) -> int:
-    """Number of sampler tiles for one image, for the dry-run cost estimate (other engines: one "tile")."""
+def tiles_per_frame(cfg: JobConfig, settings: dict[str, Any], width: int, height: int) -> int:
+    """Sampler tiles for one image or frame, as ``DiT4SRPipeline`` will run it (other engines: one "tile")."""
     if settings["engine"] != "dit4sr":
         return 1
-    from dit4sr.tiling import plan_tiles
+    from dit4sr.geometry import plan_geometry
 
-    scale, factor = settings["scale"], settings["vae_scale_factor"]
-    short = settings["process_size"] // scale  # the pipeline first raises the short side to this
-    if min(width, height) < short:
-        width, height = int(width * short / min(width, height)), int(height * short / min(width, height))
-    latent_h, latent_w = max(1, height * scale // factor), max(1, width * scale // factor)
-    return len(plan_tiles(latent_h, latent_w, settings["tile_size"], settings["tile_overlap"],
-                          multiple=settings["patch_size"]))
+    transformer = _transformer_config(cfg)
+    max_side = transformer.get("pos_embed_max_size")
+    return plan_geometry(height, width, upscale=settings["scale"], process_size=settings["process_size"],
+                         vae_scale_factor=settings["vae_scale_factor"], patch_size=settings["patch_size"],
+                         tile_size=settings["tile_size"], tile_overlap=settings["tile_overlap"],
+                         max_latent_side=max_side * settings["patch_size"] if max_side else None).tiles
+
+
+@functools.cache
+def _transformer_config_at(uri: str, options: str) -> dict[str, Any]:
+    return _read_json(Location(uri, json.loads(options)), "transformer/config.json") or {}
+
+
+def _transformer_config(cfg: JobConfig) -> dict[str, Any]:
+    root = transformer_root(cfg)
+    return _transformer_config_at(root.uri, json.dumps(root.storage_options, sort_keys=True, default=str))
 
 
 class BicubicEngine:
@@ -182,35 +203,38 @@ SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "start_point", "tile_si
 class DiT4SREngine:
     """One ``DiT4SRPipeline`` per actor, without text encoders: prompts arrive as embeddings."""
 
-    def __init__(self, cfg: JobConfig, settings: dict[str, Any], *, device: str, prompt_embeds: dict[str, Any]):
+    def __init__(self, spec: RunSpec, *, device: str, prompt_embeds: dict[str, Any]):
         import torch
+
         import dit4sr
 
-        torch.set_num_threads(cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)))
-        self.settings = settings
-        self.sampler = {key: settings[key] for key in SAMPLER_KEYS}
+        torch.set_num_threads(spec.torch_threads)
+        self.settings = spec.settings
+        self.sampler = {key: self.settings[key] for key in SAMPLER_KEYS}
         negative = prompt_embeds.get(NEGATIVE)
         self.negative = {} if negative is None else {"negative_prompt_embeds": negative.prompt_embeds,
                                                       "negative_pooled_prompt_embeds": negative.pooled_prompt_embeds}
         self.prompt_embeds = prompt_embeds
         self.pipe = dit4sr.DiT4SRPipeline.from_pretrained(
-            cfg.model.path, transformer=cfg.model.transformer, release=cfg.model.release, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
-            storage_options=cfg.model.storage_options)
+            spec.model_path, transformer=spec.model_transformer, release=spec.model_release,
+            torch_dtype=getattr(torch, self.settings["dtype"]), device=device, storage_options=spec.storage_options)
 
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        return self.upscale_frames([image], seeds=[seed], prompt=prompt)[0]
+
+    def upscale_frames(self, frames: list[np.ndarray], *, seeds: list[int], prompt: str) -> list[np.ndarray]:
         embedding = self.prompt_embeds.get(prompt)
         embeds = {} if embedding is None else {"prompt_embeds": embedding.prompt_embeds,
                                                "pooled_prompt_embeds": embedding.pooled_prompt_embeds}
-        result = self.pipe(image, upscale=self.settings["scale"], seed=seed, output_type="np", show_progress=False,
-                           **self.sampler, **embeds, **self.negative)
-        return np.asarray(result.images[0], dtype=np.float32)
+        result = self.pipe(frames, upscale=self.settings["scale"], seed=seeds, output_type="np",
+                           show_progress=False, **self.sampler, **embeds, **self.negative)
+        return [np.asarray(image, dtype=np.float32) for image in result.images]
 
 
-def load_engine(cfg: JobConfig, settings: dict[str, Any], *, device: str,
-                prompt_embeds: dict[str, Any] | None = None) -> Engine:
-    kind = engine_kind(cfg.model.path)
+def load_engine(spec: RunSpec, *, device: str, prompt_embeds: dict[str, Any] | None = None) -> Engine:
+    kind = engine_kind(spec.model_path)
     if kind == "bicubic":
-        return BicubicEngine(settings)
+        return BicubicEngine(spec.settings)
     if kind == "plugin":
-        return _import(cfg.model.path)(settings)
-    return DiT4SREngine(cfg, settings, device=device, prompt_embeds=prompt_embeds or {})
+        return _import(spec.model_path)(spec.settings)
+    return DiT4SREngine(spec, device=device, prompt_embeds=prompt_embeds or {})

@@ -1,14 +1,23 @@
 """Planning: list the inputs, diff them against earlier manifests, and decide what to do — before any download.
 
-An input is skipped when its latest ``ok`` row has the same source identity (size + ETag/mtime), the same config
-fingerprint, and the output object it wrote is still there unchanged (same size and ETag/mtime as recorded).
-Everything else is (re)processed; keys that cannot be processed safely are rejected here as ``failed`` rows.
+Inputs become units of work. A photo is one unit. A video is indexed from its packets (no decode) and cut into
+segments — frame ranges that are units of their own, so a long film spreads over the whole actor pool; so is a
+frame sequence (numbered images in a folder named by ``video.sequence_folders``). A clip is finished by the
+driver once all its segments are staged (``run.py``).
+
+A unit is skipped when its latest ``ok``/``staged`` row has the same source identity (size + ETag/mtime), the
+same config fingerprint, and what it wrote is still there unchanged. Everything else is (re)processed; inputs
+that cannot be processed safely are rejected here as ``failed`` rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import pathlib
+import pickle
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,21 +26,53 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
 
-from . import manifest
+from . import manifest, media
 from .config import ConfigError, JobConfig, fingerprint
-from .engine import tiles_per_image
-from .media import output_extension
-from .storage import Location, UnsafeKeyError, glob_matcher, check_relative_key
+from .engine import tiles_per_frame
+from .media import video
+from .spec import RunSpec
+from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher
+
+STAGING_DIR = "_staging"  # staged segment files, under the output; removed once their clip is committed
+SEQUENCE_FRAMES_PER_SECOND = 24  # frame sequences carry no timing: segment_seconds counts frames at this rate
+_NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<suffix>\.[^./]+)$")
+
+
+@dataclass
+class Clip:
+    """A video or frame sequence of this run: its own manifest row and the segments that make it."""
+
+    row: dict[str, Any]
+    segment_keys: list[str]  # unit keys of every segment, in order
+    staged: dict[str, dict[str, Any]]  # unit key -> the segment's staged row (earlier runs', then this run's)
+    index: video.VideoIndex | None = None  # videos: what assembly needs
+    frame_outputs: list[str] = field(default_factory=list)  # sequences: every frame's output key
+
+    @property
+    def complete(self) -> bool:
+        return len(self.staged) == len(self.segment_keys)
 
 
 @dataclass
 class Plan:
-    run_id: str
-    settings: dict[str, Any]
-    fingerprint: str
-    todo: list[dict[str, Any]] = field(default_factory=list)
+    spec: RunSpec
+    todo: list[dict[str, Any]] = field(default_factory=list)  # images and segments, in stream order
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    clips: dict[str, Clip] = field(default_factory=dict)  # source key -> clip being made in this run
+    stale_staging: list[str] = field(default_factory=list)  # staged files of clips already committed
+
+    @property
+    def run_id(self) -> str:
+        return self.spec.run_id
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.spec.settings
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint
 
 
 def locations(cfg: JobConfig) -> tuple[Location, Location]:
@@ -52,9 +93,8 @@ def check_output_outside_input(cfg: JobConfig, source: Location, output: Locatio
             f"outputs as inputs. Move the output elsewhere or add input.exclude: ['{inner or '<output>'}/**']")
 
 
-def output_key(relative: str, output_format: str) -> str:
-    """The output's key: the input's relative key, with the output format's extension."""
-    extension = output_extension(relative, output_format)
+def output_key(relative: str, extension: str) -> str:
+    """The output's key: the input's relative key, with the output's extension."""
     path = pathlib.PurePosixPath(relative)
     if not extension or extension == path.suffix:
         return relative
@@ -76,60 +116,303 @@ def load_prompts(cfg: JobConfig) -> dict[str, str]:
     return {str(s): str(p or "") for s, p in zip(table["source"].to_pylist(), table["prompt"].to_pylist())}
 
 
-def make_plan(cfg: JobConfig, settings: dict[str, Any], run_id: str) -> Plan:
-    source, output = locations(cfg)
-    check_output_outside_input(cfg, source, output)
-    plan = Plan(run_id=run_id, settings=settings, fingerprint=fingerprint(settings))
-    prompts = load_prompts(cfg)
-    previous = manifest.latest_ok(output)
-    existing = {entry.relative: entry for entry in output.list(exclude=[f"{manifest.MANIFEST_DIR}/**"])}
-    claimed: dict[str, str] = {}
-    for entry in source.list(cfg.input.include, cfg.input.exclude):
-        # A per-source prompt changes that source's output only, so it goes into that row's fingerprint.
-        prompt = prompts.get(entry.relative, cfg.upscale.prompt) if "prompt" in settings else ""
-        row_fingerprint = fingerprint({**settings, "prompt": prompt}) if "prompt" in settings else plan.fingerprint
-        row = manifest.empty_row(
-            run_id=run_id, source_uri=source.url(entry.relative), source_key=entry.relative,
-            source_size=entry.size, source_etag_or_mtime=entry.identity, prompt=prompt,
-            config_fingerprint=row_fingerprint)
-        try:
-            check_relative_key(entry.relative)
-            row["output_key"] = key = output_key(entry.relative, cfg.output.format)
-        except UnsafeKeyError as exc:
-            plan.rejected.append({**row, "status": "failed", "error_type": exc.error_type, "error_message": str(exc)})
-            continue
-        row["output_uri"] = output.url(key)
-        if key in claimed:
-            plan.rejected.append({**row, "status": "failed", "error_type": "output_collision",
-                                  "error_message": f"output {key!r} is already the output of {claimed[key]!r}"})
-            continue
-        claimed[key] = entry.relative
-        done, out = previous.get(entry.relative), existing.get(key)
-        if (done is not None and out is not None and done["output_key"] == key
-                and (done["source_size"], done["source_etag_or_mtime"]) == (entry.size, entry.identity)
-                and done["config_fingerprint"] == row["config_fingerprint"]
-                and (done["output_size"], done["output_etag_or_mtime"]) == (out.size, out.identity)):
-            plan.skipped.append({**row, "status": "skipped", "output_size": out.size,
-                                 "output_etag_or_mtime": out.identity})
+def derive_seed(base_seed: int, identity: bytes) -> int:
+    """A unit's seed from the job seed and the unit's content identity only — never its batch, worker or order."""
+    digest = hashlib.sha256(base_seed.to_bytes(8, "little", signed=True) + identity).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# -- grouping the listing ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sequence:
+    key: str  # printf-style pattern, as ffmpeg names image sequences: reel_01/frame_%06d.tif
+    frames: tuple[Entry, ...]  # sorted by number
+    numbers: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self.frames)
+
+    @property
+    def identity(self) -> str:
+        """Changes whenever any frame may have changed (names, sizes, ETags/mtimes)."""
+        listing = "\n".join(f"{e.relative}\t{e.size}\t{e.identity}" for e in self.frames)
+        return hashlib.sha256(listing.encode()).hexdigest()[:32]
+
+    @property
+    def content_identity(self) -> bytes:
+        """The clip's identity for its seed: frame names (within the folder) and sizes, not where or when the
+        folder was copied — frames are not read at plan time."""
+        listing = "\n".join(f"{pathlib.PurePosixPath(e.relative).name}\t{e.size}" for e in self.frames)
+        return hashlib.sha256(listing.encode()).digest()
+
+
+def group_inputs(entries: list[Entry], sequence_folders: list[str]) -> tuple[list[Entry], list[Entry], list[Sequence]]:
+    """Split the listing into photos, videos and frame sequences (numbered images in ``sequence_folders``)."""
+    in_sequence_folder = glob_matcher(sequence_folders)
+    images, videos, groups = [], [], {}
+    for entry in entries:
+        path = pathlib.PurePosixPath(entry.relative)
+        numbered = _NUMBERED.match(path.name)
+        if media.kind_of(entry.relative) == media.VIDEO:
+            videos.append(entry)
+        elif sequence_folders and numbered and in_sequence_folder(str(path.parent) if path.parent.name else ""):
+            key = (str(path.parent), numbered["prefix"], numbered["suffix"])
+            groups.setdefault(key, []).append((int(numbered["number"]), numbered["number"], entry))
         else:
-            plan.todo.append(row)
-    return plan
+            images.append(entry)
+    sequences = []
+    for (folder, prefix, suffix), members in groups.items():
+        if len(members) == 1:  # one numbered file is a photo
+            images.append(members[0][2])
+            continue
+        members.sort(key=lambda member: member[0])
+        widths = {len(digits) for _, digits, _ in members}
+        number = f"%0{widths.pop()}d" if len(widths) == 1 else "%d"
+        key = str(pathlib.PurePosixPath(folder) / f"{prefix}{number}{suffix}") if folder != "." else \
+            f"{prefix}{number}{suffix}"
+        sequences.append(Sequence(key, tuple(m[2] for m in members), tuple(m[0] for m in members)))
+    images.sort(key=lambda entry: entry.relative)
+    return images, videos, sorted(sequences, key=lambda sequence: sequence.key)
 
 
+# -- the planner ---------------------------------------------------------------------------------------------------
+class _Planner:
+    def __init__(self, cfg: JobConfig, spec: RunSpec):
+        self.cfg, self.spec = cfg, spec
+        self.source, self.output = locations(cfg)
+        check_output_outside_input(cfg, self.source, self.output)
+        self.plan = Plan(spec=spec)
+        self.prompts = load_prompts(cfg)
+        self.previous = manifest.latest_done(self.output)
+        self.existing = {entry.relative: entry for entry in
+                         self.output.list(exclude=[f"{manifest.MANIFEST_DIR}/**"])}
+        self.claimed: dict[str, str] = {}
+
+    # Rows -------------------------------------------------------------------------------------------------
+    def row(self, key: str, unit: str, size: int, identity: str, **values: Any) -> dict[str, Any]:
+        settings = self.spec.settings
+        # A per-source prompt changes that source's output only, so it goes into that row's fingerprint.
+        prompt = self.prompts.get(key, self.cfg.upscale.prompt) if "prompt" in settings else ""
+        image_fingerprint = fingerprint({**settings, "prompt": prompt}) if "prompt" in settings \
+            else self.spec.fingerprint
+        row = manifest.empty_row(
+            run_id=self.spec.run_id, source_uri=self.source.url(key), source_key=key, source_size=size,
+            source_etag_or_mtime=identity, prompt=prompt, unit=unit, unit_key=key,
+            config_fingerprint=self.spec.unit_fingerprint(unit, image_fingerprint))
+        row.update(values)
+        return row
+
+    def reject(self, row: dict[str, Any], error_type: str, message: str) -> None:
+        self.plan.rejected.append({**row, "status": "failed", "error_type": error_type, "error_message": message})
+
+    def claim(self, row: dict[str, Any], key: str) -> bool:
+        """Give ``row`` the output ``key`` unless another input already has it (then reject the row)."""
+        try:
+            check_relative_key(row["source_key"] if row["unit"] != "sequence" else key)
+        except UnsafeKeyError as exc:
+            self.reject(row, exc.error_type, str(exc))
+            return False
+        if key in self.claimed:
+            self.reject(row, "output_collision", f"output {key!r} is already the output of {self.claimed[key]!r}")
+            return False
+        self.claimed[key] = row["source_key"]
+        row.update(output_key=key, output_uri=self.output.url(key))
+        return True
+
+    def done_before(self, row: dict[str, Any], outputs: list[str] | None = None) -> dict[str, Any] | None:
+        """The unit's earlier row when it is done with the same source and settings and its output(s) are
+        still there (unchanged, where one output key was recorded)."""
+        done = self.previous.get(row["unit_key"])
+        if done is None or done["config_fingerprint"] != row["config_fingerprint"] \
+                or (done["source_size"], done["source_etag_or_mtime"]) != (row["source_size"],
+                                                                           row["source_etag_or_mtime"]):
+            return None
+        if outputs is not None:
+            return done if all(key in self.existing for key in outputs) else None
+        out = self.existing.get(row["output_key"])
+        if done["output_key"] != row["output_key"] or out is None \
+                or (done["output_size"], done["output_etag_or_mtime"]) != (out.size, out.identity):
+            return None
+        return done
+
+    def skip(self, row: dict[str, Any], outputs: list[str] | None = None) -> bool:
+        done = self.done_before(row, outputs)
+        if done is None:
+            return False
+        self.plan.skipped.append({**row, "status": "skipped", "output_size": done["output_size"],
+                                  "output_etag_or_mtime": done["output_etag_or_mtime"]})
+        return True
+
+    # Photos ---------------------------------------------------------------------------------------------------
+    def add_image(self, entry: Entry) -> None:
+        row = self.row(entry.relative, "image", entry.size, entry.identity)
+        try:
+            extension = media.output_extension(entry.relative, self.cfg.output.format)
+        except ValueError as exc:
+            self.reject(row, "unsupported", str(exc))
+            return
+        if self.claim(row, output_key(entry.relative, extension)) and not self.skip(row):
+            self.plan.todo.append(row)
+
+    # Videos ---------------------------------------------------------------------------------------------------
+    def index(self, entry: Entry) -> video.VideoIndex | media.MediaError | Exception:
+        try:
+            with self.source.fs.open(self.source.path(entry.relative), "rb", block_size=1 << 20) as handle:
+                return video.index_video(handle, entry.relative)
+        except Exception as exc:  # noqa: BLE001 - becomes this video's failed row
+            return exc
+
+    def add_videos(self, entries: list[Entry], threads: int = 8) -> None:
+        rows = {}
+        for entry in entries:
+            row = self.row(entry.relative, "video", entry.size, entry.identity)
+            # An unchanged, committed clip is skipped before its file is even opened.
+            done = self.previous.get(entry.relative)
+            if done is not None and self.done_before({**row, "output_key": done["output_key"]}) is not None \
+                    and self.claim(row, done["output_key"]):
+                self.skip(row)
+                self.sweep_staging(entry.relative)
+                continue
+            rows[entry.relative] = (entry, row)
+        with ThreadPoolExecutor(threads) as pool:  # indexing reads packets: I/O-bound
+            indexes = dict(zip(rows, pool.map(self.index, [entry for entry, _ in rows.values()])))
+        for key, (entry, row) in rows.items():
+            self.add_video(entry, row, indexes[key])
+
+    def add_video(self, entry: Entry, row: dict[str, Any], index: Any) -> None:
+        if isinstance(index, Exception):
+            error_type = getattr(index, "error_type", "read_failed" if isinstance(index, OSError) else "corrupt")
+            self.reject(row, error_type, f"{type(index).__name__}: {index}")
+            return
+        scale, limits = self.spec.scale, self.cfg.limits
+        row.update(width=index.width, height=index.height, source_format=f"{index.container}/{index.codec}",
+                   frames_in=index.frames, duration_in=index.duration)
+        if limits.max_video_seconds is not None and index.duration > limits.max_video_seconds:
+            self.reject(row, "too_long", f"{index.duration:.1f} s is longer than limits.max_video_seconds="
+                                         f"{limits.max_video_seconds}")
+            return
+        if index.width * index.height * scale * scale > self.spec.max_output_pixels:
+            self.reject(row, "output_too_large",
+                        f"{index.width}x{index.height} at x{scale} is {index.width * index.height * scale * scale} "
+                        f"output pixels per frame, above limits.max_output_pixels={self.spec.max_output_pixels}")
+            return
+        try:
+            extension = video.output_container(entry.relative, index, self.spec.video["codec"])
+        except media.MediaError as exc:
+            self.reject(row, exc.error_type, str(exc))
+            return
+        if not self.claim(row, output_key(entry.relative, extension)) or self.skip(row):
+            return
+        rate = index.average_rate or (index.frames / index.duration if index.duration else 24)
+        segment_frames = max(1, round(self.spec.video["segment_seconds"] * float(rate)))
+        row["seed"] = seed = derive_seed(self.spec.base_seed, bytes.fromhex(index.content_sha256))
+        # Rows carry a slim index (no per-frame tables) and each segment its own timestamps.
+        slim = dataclasses.replace(index, pts=(), keyframes=())
+        segments = [self.segment_row(row, segment.start, segment.stop, seed, {
+            "kind": "video", "segment": segment, "index": slim, "pts": index.pts[segment.start:segment.stop]})
+            for segment in video.plan_segments(index, segment_frames)]
+        self.add_clip(row, segments, index=index)
+
+    # Frame sequences ------------------------------------------------------------------------------------------
+    def add_sequence(self, sequence: Sequence) -> None:
+        row = self.row(sequence.key, "sequence", sequence.size, sequence.identity, frames_in=len(sequence.frames))
+        gaps = [n for n in range(sequence.numbers[0], sequence.numbers[-1] + 1) if n not in set(sequence.numbers)]
+        if gaps:
+            self.reject(row, "sequence_gap", f"frames {sequence.numbers[0]}..{sequence.numbers[-1]} miss "
+                                             f"{len(gaps)} number(s), first {gaps[0]}: a gap would shift every "
+                                             "later frame; fill or rename the sequence")
+            return
+        frame_keys = [entry.relative for entry in sequence.frames]
+        if not self.claim(row, sequence.key):
+            return
+        for key in frame_keys:  # frames keep their names and format
+            self.claimed[key] = sequence.key
+        if self.skip(row, outputs=frame_keys):
+            return
+        per_segment = max(1, round(self.spec.video["segment_seconds"] * SEQUENCE_FRAMES_PER_SECOND))
+        row["seed"] = seed = derive_seed(self.spec.base_seed, sequence.content_identity)
+        segments = [self.segment_row(row, start, min(start + per_segment, len(frame_keys)), seed, {
+            "kind": "sequence", "frames": frame_keys[start:start + per_segment]})
+            for start in range(0, len(frame_keys), per_segment)]
+        self.add_clip(row, segments, frame_outputs=frame_keys)
+
+    # Clips ----------------------------------------------------------------------------------------------------
+    def segment_row(self, clip_row: dict[str, Any], start: int, stop: int, seed: int,
+                    task: dict[str, Any]) -> dict[str, Any]:
+        key = clip_row["source_key"]
+        row = {**clip_row, "unit": "segment", "unit_key": f"{key}#{start}-{stop}", "frame_start": start,
+               "frame_stop": stop, "frames_in": stop - start, "seed": seed, "output_uri": None,
+               "task": pickle.dumps({**task, "clip_key": key, "clip_seed": seed})}
+        if task["kind"] == "video":
+            row["output_key"] = f"{self.staging_prefix(key)}/{start:09d}-{stop:09d}.nut"
+            row["output_uri"] = self.output.url(row["output_key"])
+        else:
+            row["output_key"] = None
+        return row
+
+    def staging_prefix(self, source_key: str) -> str:
+        return f"{STAGING_DIR}/{source_key}"
+
+    def sweep_staging(self, source_key: str) -> None:
+        prefix = self.staging_prefix(source_key) + "/"
+        self.plan.stale_staging += [key for key in self.existing if key.startswith(prefix)]
+
+    def add_clip(self, row: dict[str, Any], segments: list[dict[str, Any]], **facts: Any) -> None:
+        clip = Clip(row=row, segment_keys=[s["unit_key"] for s in segments], staged={}, **facts)
+        for segment in segments:
+            # Sequence segments write frames straight to their final keys; video segments one staged file.
+            done = self.done_before(segment, outputs=pickle.loads(segment["task"]).get("frames"))
+            if done is None:
+                self.plan.todo.append(segment)
+            else:
+                clip.staged[segment["unit_key"]] = {**segment, **done, "task": None}
+        # Staged files of other segment plans (e.g. another segment length) are no longer needed.
+        wanted = {s["output_key"] for s in segments}
+        self.plan.stale_staging += [key for key in self.existing
+                                    if key.startswith(self.staging_prefix(row["source_key"]) + "/")
+                                    and key not in wanted]
+        self.plan.clips[row["source_key"]] = clip
+
+
+def make_plan(cfg: JobConfig, spec: RunSpec) -> Plan:
+    planner = _Planner(cfg, spec)
+    entries = planner.source.list(cfg.input.include, cfg.input.exclude)
+    images, videos, sequences = group_inputs(entries, cfg.video.sequence_folders)
+    for entry in images:
+        planner.add_image(entry)
+    planner.add_videos(videos)
+    for sequence in sequences:
+        planner.add_sequence(sequence)
+    return planner.plan
+
+
+# -- dry run -------------------------------------------------------------------------------------------------------
 def estimate(plan: Plan, cfg: JobConfig, threads: int = 16) -> dict[str, Any]:
-    """Dry-run cost: read only image headers of pending inputs, count sampler tiles x steps."""
+    """Dry-run cost: read only image headers of pending photos (clips were indexed while planning), count sampler
+    tiles x steps, per frame for clips."""
     source, _ = locations(cfg)
     steps = plan.settings.get("num_inference_steps") or 1
 
-    def probe(row: dict[str, Any]) -> dict[str, Any]:
-        try:
+    def frame_size(row: dict[str, Any]) -> tuple[int, int]:
+        if row["unit"] == "image":
             with source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 16) as handle:
-                width, height = Image.open(handle).size
+                return Image.open(handle).size
+        if row["unit"] == "segment" and pickle.loads(row["task"])["kind"] == "sequence":
+            with source.fs.open(source.path(pickle.loads(row["task"])["frames"][0]), "rb",
+                                block_size=1 << 16) as handle:
+                return Image.open(handle).size
+        return row["width"], row["height"]
+
+    def probe(row: dict[str, Any]) -> dict[str, Any]:
+        frames = row["frames_in"] or 1
+        try:
+            width, height = frame_size(row)
+            tiles = tiles_per_frame(cfg, plan.settings, width, height)
         except Exception as exc:  # noqa: BLE001 - a dry run reports unreadable headers instead of failing
-            return {"key": row["source_key"], "width": None, "height": None, "tiles": None,
-                    "note": f"header unreadable: {type(exc).__name__}"}
-        tiles = tiles_per_image(plan.settings, width, height)
-        return {"key": row["source_key"], "width": width, "height": height, "tiles": tiles}
+            return {"key": row["unit_key"], "width": None, "height": None, "tiles": None, "frames": frames,
+                    "note": f"unreadable: {type(exc).__name__}: {exc}"}
+        return {"key": row["unit_key"], "width": width, "height": height, "tiles": tiles * frames, "frames": frames}
 
     with ThreadPoolExecutor(threads) as pool:
         probes = list(pool.map(probe, plan.todo))

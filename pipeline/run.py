@@ -1,7 +1,14 @@
-"""The catalog job, top-down: plan -> read -> upscale (actor pool) -> write outputs + manifest parts -> summary."""
+"""The catalog job, top-down: plan -> read -> upscale (actor pool) -> write outputs + manifest parts -> finish
+clips (videos assembled, sequences summed up) -> summary.
+
+Photos, video segments and frame-sequence segments ride one stream of units of work, so every actor stays
+busy whatever the catalog holds; a clip is finished by the driver as soon as its last segment is staged.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import threading
@@ -10,18 +17,23 @@ from typing import Any
 
 import ray
 
-from . import manifest
+from . import manifest, preflight, report
 from .config import JobConfig
 from .engine import engine_kind, model_root, resolve_settings, texts_to_encode
 from .example_catalog import lay_out_example_catalog
-from .plan import Plan, estimate, locations, make_plan
-from .upscaler import Upscaler, read_sources, write_outputs
+from .lease import RunLease, RunLocked
+from .metrics import MeteredUpscaler, RunMetrics
+from .clips import finish_sequence, finish_video, remove_staged
+from .plan import Clip, Plan, estimate, locations, make_plan
+from .spec import RunSpec
+from .upscaler import read_sources, write_outputs
 
 log = logging.getLogger("pipeline")
 
 EXIT_OK = 0  # every input ok (or already done)
 EXIT_JOB_FAILED = 1  # the job itself failed: bad config, storage unreachable, cluster trouble
 EXIT_INPUTS_FAILED = 3  # the job finished, but some inputs have `failed` rows
+EXIT_LOCKED = 4  # another run holds the output's run lock (pipeline.lease); nothing was done
 
 
 def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> ray.data.Dataset:
@@ -30,7 +42,7 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
     Fault tolerance is Ray Data's own: task stages retry on worker loss and pool actors restart with their
     in-flight batch resubmitted (max_restarts / max_task_retries default to -1). Redoing a batch is safe
     because outputs are pure functions of their inputs, written atomically, and a batch's manifest part is
-    named after the inputs it holds, so a redone batch replaces it rather than adding rows.
+    named after the units it holds, so a redone batch replaces it rather than adding rows.
     """
     source, output = locations(cfg)
     batch_size = cfg.compute.batch_size
@@ -39,8 +51,8 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
         read_sources, fn_kwargs={"input_location": source}, batch_format="pyarrow", batch_size=batch_size,
         num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
     upscaled = fetched.map_batches(
-        Upscaler,
-        fn_constructor_kwargs={"config": cfg.model_dump(), "settings": plan.settings, "prompt_embeds": prompt_embeds},
+        MeteredUpscaler,
+        fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max),
         num_gpus=cfg.compute.gpus_per_actor, num_cpus=cfg.compute.cpus_per_actor,
         batch_size=batch_size, batch_format="pyarrow")
@@ -50,10 +62,11 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
 
 
 class Progress:
-    """Logs done/failed/remaining and items/min every ``interval`` seconds from a background thread."""
+    """Logs done/failed/remaining, items/min and tile-steps/s every ``interval`` seconds from a background thread,
+    one JSON line per finished input at debug level, and feeds the job's Ray metrics."""
 
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
+    def __init__(self, total: int, interval: float, metrics: RunMetrics):
+        self.total, self.interval, self.metrics = total, interval, metrics
         self.ok = self.failed = 0
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -69,21 +82,30 @@ class Progress:
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
-            if row["status"] == "ok":
+            if row["status"] in ("ok", "staged"):
                 self.ok += 1
             else:
                 self.failed += 1
+            tile_steps = self.metrics.record(row)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(json.dumps({"event": "input_finished", **{key: row.get(key) for key in _LOGGED},
+                                      "tile_steps": tile_steps}, default=str))
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
         done = self.ok + self.failed
         rate = done / elapsed * 60 if elapsed > 0 else 0.0
         return (f"progress: {self.ok} done, {self.failed} failed, {self.total - done} remaining "
-                f"of {self.total} — {rate:.1f} items/min")
+                f"of {self.total} — {rate:.1f} items/min, {self.metrics.rate():.1f} tile-steps/s")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             log.info(self.line())
+
+
+# Manifest columns in each finished input's JSON log line (everything but the URIs' common prefixes).
+_LOGGED = ("run_id", "source_key", "output_key", "status", "error_type", "error_message", "width", "height",
+           "out_width", "out_height", "seconds", "started_at", "finished_at", "worker")
 
 
 def _encode_prompts(root: str, storage_options: dict[str, Any], texts: list[str]) -> Any:
@@ -115,53 +137,135 @@ def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
     if cfg.input.example_catalog and not dry_run and not source.list():
         written = lay_out_example_catalog(source)
         log.info("input %s was empty: laid out an example catalog of %d photos", cfg.input.uri, len(written))
-    plan = make_plan(cfg, resolve_settings(cfg), manifest.new_run_id())
-    log.info("run %s (config %s): %d to process, %d already done, %d rejected", plan.run_id, plan.fingerprint,
-             len(plan.todo), len(plan.skipped), len(plan.rejected))
+    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), manifest.new_run_id()))
+    log.info("run %s (config %s): %d units to process (%d clips), %d already done, %d rejected", plan.run_id,
+             plan.fingerprint, len(plan.todo), len(plan.clips), len(plan.skipped), len(plan.rejected))
     return plan
 
 
+class ClipFinisher:
+    """Driver side: collects staged segments per clip and finishes each clip once all of them are staged —
+    videos in a Ray task (assembly reads the source's audio and writes the output), sequences right here."""
+
+    def __init__(self, plan: Plan, cfg: JobConfig):
+        self.clips, self.run_id = plan.clips, plan.run_id
+        self.source, self.output = locations(cfg)
+        self.pending: dict[ray.ObjectRef, Clip] = {}
+        self.finished: list[dict[str, Any]] = []
+        self._finish = ray.remote(finish_video).options(num_cpus=1)
+        for clip in self.clips.values():  # clips whose segments were all staged by earlier runs
+            self._maybe_finish(clip)
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["unit"] != "segment":
+                continue
+            clip = self.clips[row["source_key"]]
+            if row["status"] == "staged":
+                clip.staged[row["unit_key"]] = row
+                self._maybe_finish(clip)
+            elif clip.row.get("status") is None:  # the clip fails with its first failed segment
+                frames = f"frames {row['frame_start']}-{row['frame_stop'] - 1}"
+                self._commit({**clip.row, "status": "failed", "error_type": row["error_type"],
+                              "error_message": f"{frames}: {row['error_message']}"[:2000]})
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        self._collect(ready)
+
+    def wait(self) -> list[dict[str, Any]]:
+        self._collect(list(self.pending))
+        return self.finished
+
+    def _maybe_finish(self, clip: Clip) -> None:
+        if not clip.complete or clip.row.get("status") is not None:
+            return
+        clip.row["status"] = "finishing"
+        segments = [clip.staged[key] for key in clip.segment_keys]
+        if clip.index is None:
+            self._commit(finish_sequence(clip.row, segments))
+        else:
+            self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output)] = clip
+
+    def _collect(self, refs: list[ray.ObjectRef]) -> None:
+        for ref, row in zip(refs, ray.get(refs)):
+            clip = self.pending.pop(ref)
+            self._commit(row)
+            if row["status"] == "ok":
+                remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys])
+
+    def _commit(self, row: dict[str, Any]) -> None:
+        self.clips[row["source_key"]].row["status"] = row["status"]
+        manifest.write_part(self.output, self.run_id, [row])  # after the clip's output: rows follow outputs
+        self.finished.append(row)
+
+
 def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
-    """Run the plan on Ray Data, commit the manifests and the run summary; returns the summary."""
+    """Run the plan on Ray Data, finish its clips, commit the manifests and the run summary; returns the summary."""
     _, output = locations(cfg)
     started = time.monotonic()
     rows = plan.rejected + plan.skipped
     manifest.write_part(output, plan.run_id, rows)
+    remove_staged(output, plan.stale_staging)
+    clips = ClipFinisher(plan, cfg)
     if plan.todo:
         dataset = build_dataset(plan, cfg, prompt_embeddings(cfg, plan))
-        with Progress(len(plan.todo), cfg.run.progress_interval_s) as progress:
+        with Progress(len(plan.todo), cfg.run.progress_interval_s, RunMetrics(cfg, plan.settings)) as progress:
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 done = batch.to_pylist()
                 rows.extend(done)
                 progress.add(done)
+                clips.add(done)
             log.info(progress.line())
+    rows.extend(clips.wait())
+    if plan.todo or plan.clips:
         manifest.compact_run(output, plan.run_id)
     summary = manifest.summarize(rows, run_id=plan.run_id, seconds=time.monotonic() - started,
                                  fingerprint=plan.fingerprint,
-                                 extra={"settings": plan.settings, "output_uri": cfg.output.uri})
+                                 extra={"settings": plan.settings, "video": plan.spec.video,
+                                        "output_uri": cfg.output.uri})
+    summary["report_uri"] = report.write_report(cfg, summary, rows)
     summary["summary_uri"] = manifest.write_summary(output, plan.run_id, summary)
     print(manifest.format_summary(summary), flush=True)
     return summary
 
 
 def run_job(cfg: JobConfig, *, dry_run: bool = False) -> int:
-    plan = prepare(cfg, dry_run=dry_run)
+    preflight.check(cfg)  # before the run lock writes under output.uri, and before any model loads
     if dry_run:
-        return _dry_run(plan, cfg)
-    return EXIT_INPUTS_FAILED if execute(plan, cfg)["failed"] else EXIT_OK
+        return _dry_run(prepare(cfg, dry_run=True), cfg)
+    lock = RunLease(locations(cfg)[1], cfg.run.lock) if cfg.run.lock.enabled else contextlib.nullcontext()
+    try:
+        with lock:  # held from before planning until the summary is written
+            return EXIT_INPUTS_FAILED if execute(prepare(cfg), cfg)["failed"] else EXIT_OK
+    except RunLocked as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED
 
 
 def _dry_run(plan: Plan, cfg: JobConfig) -> int:
     cost = estimate(plan, cfg)
+    steps = cost["steps"]
+    clip_tiles: dict[str, int] = {}
     for item, row in zip(cost["items"], plan.todo):
+        if row["unit"] == "segment":
+            clip_tiles[row["source_key"]] = clip_tiles.get(row["source_key"], 0) + (item["tiles"] or 0)
+            continue
         size = f"{item['width']}x{item['height']}" if item["width"] else item.get("note", "?")
         print(f"process {row['source_key']} -> {row['output_key']}  {size}  tiles={item['tiles']}")
+    for key, clip in plan.clips.items():
+        row = clip.row
+        todo = len(clip.segment_keys) - len(clip.staged)
+        size = f"{row['width']}x{row['height']}" if row["width"] else "?"
+        print(f"process {key} -> {row['output_key']}  {row['unit']} {size}  frames={row['frames_in']} "
+              f"segments={len(clip.segment_keys)} ({todo} to do)  tiles={clip_tiles.get(key, 0)}")
     for row in plan.skipped:
         print(f"skip    {row['source_key']} (already done with config {row['config_fingerprint']})")
     for row in plan.rejected:
         print(f"reject  {row['source_key']}: {row['error_type']}: {row['error_message']}")
-    print(f"dry run: {len(plan.todo)} to process, {len(plan.skipped)} to skip, {len(plan.rejected)} rejected; "
-          f"estimated cost {cost['tiles']} tiles x {cost['steps']} steps = {cost['tile_steps']} tile-steps"
+    units = sum(row["unit"] != "segment" for row in plan.todo) + len(plan.clips)
+    segments = sum(row["unit"] == "segment" for row in plan.todo)
+    print(f"dry run: {units} to process, {len(plan.skipped)} to skip, {len(plan.rejected)} rejected; "
+          f"estimated cost {cost['tiles']} tiles x {steps} steps = {cost['tile_steps']} tile-steps"
+          + (f"; {len(plan.clips)} clips in {segments} segments to do" if plan.clips else "")
           + (f" ({cost['unknown']} inputs with unreadable headers not counted)" if cost["unknown"] else ""),
           flush=True)
     return EXIT_OK

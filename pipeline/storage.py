@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import errno
 import mimetypes
+import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
-from dit4sr.storage import write_atomic
+from dit4sr.storage import temp_name, write_atomic
 
 T = TypeVar("T")
 
@@ -32,11 +34,28 @@ class UnsafeKeyError(ValueError):
     error_type = "unsafe_key"
 
 
-def _is_transient(exc: BaseException) -> bool:
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and those it was raised from or during, once each."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def service_error(exc: BaseException) -> tuple[str, str]:
+    """The (code, message) a storage service answered with, from anywhere in the exception's chain; ("", "")
+    when no service answered (s3fs turns botocore's ClientError into an OSError raised from it)."""
+    for current in _chain(exc):
+        response = getattr(current, "response", None)
+        if isinstance(response, dict) and response.get("Error"):
+            return str(response["Error"].get("Code", "")), str(response["Error"].get("Message", ""))
+    return "", ""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    for current in _chain(exc):
         if isinstance(current, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
             return False
         if isinstance(current, (ConnectionError, TimeoutError)):
@@ -51,7 +70,6 @@ def _is_transient(exc: BaseException) -> bool:
                 return True
         if type(current).__module__.startswith(("aiohttp", "botocore")) and "Connection" in type(current).__name__:
             return True
-        current = current.__cause__ or current.__context__
     return False
 
 
@@ -189,6 +207,26 @@ class Location:
     def remove(self, relative: str) -> None:
         path = self.path(relative)
         with_retries(lambda: self.fs.rm_file(path))
+
+    def temp_path(self, relative: str) -> str:
+        """A local path to build a large output in before ``commit_file``: beside the target on local disks (so
+        the commit is a rename), in the system's temp folder otherwise."""
+        path = self.path(relative)
+        folder = os.path.dirname(path) if self.is_local else tempfile.gettempdir()
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, temp_name(os.path.basename(path)))
+
+    def commit_file(self, relative: str, local_path: str) -> Entry:
+        """Make a finished local file the object at ``relative`` atomically: a rename on local disks, an upload
+        on object stores (multipart uploads become visible only when complete)."""
+        path = self.path(relative)
+        if self.is_local:
+            os.replace(local_path, path)
+        else:
+            with_retries(lambda: self.fs.put_file(local_path, path))
+            self.fs.invalidate_cache(path)
+        info = self.info(relative)
+        return Entry(relative, int(info["size"]), identity(info))
 
     def write_atomic(self, relative: str, data: bytes) -> Entry:
         """Write so that readers see the old object or the whole new one, never a part of it (see

@@ -1,29 +1,38 @@
-"""The stages that run per input: read source bytes (CPU tasks), upscale (actors), write outputs (CPU tasks).
+"""The stages that run per unit of work: read (CPU tasks), upscale (actors), write (CPU tasks).
 
-Rows flowing between stages carry the *encoded* bytes — the source file into the actor, the encoded output out
-of it — never decoded pixels: a decoded photo is 5-20x its JPEG/HEIC size and an upscaled float32 frame is
-another scale² x 4 bytes larger, while decoding and encoding cost milliseconds next to diffusion sampling. So the
-actor decodes, upscales and encodes, and what crosses the object store (possibly between nodes) stays compact.
+Rows flowing between stages carry *encoded* bytes — a photo's file, a video segment's packets (copied out of
+the source without decoding), a sequence segment's frame files; and back, the encoded output — never decoded
+pixels: a decoded photo is 5-20x its file, an upscaled float32 frame another scale² x 4 bytes larger, while
+decoding and encoding cost little next to diffusion sampling. So the actor decodes, upscales and encodes, and
+what crosses the object store (possibly between nodes) stays compact.
 
-Every per-input step catches and classifies its errors into a ``failed`` row, so a bad input never fails its
+Every per-unit step catches and classifies its errors into a ``failed`` row, so a bad input never fails its
 batch-mates or the job.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from typing import Any
+import pickle
+from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from . import manifest, media
-from .config import JobConfig
-from .engine import load_engine
+from .engine import Engine, load_engine, upscale_frames
+from .media import video
+from .plan import derive_seed
+from .spec import RunSpec
 from .storage import Location, UnsafeKeyError
 
-# Columns of the rows between stages: the manifest's plus the payload and the input's prompt.
-STAGE_SCHEMA = manifest.SCHEMA.append(pa.field("data", pa.binary())).append(pa.field("prompt", pa.string()))
+# Columns of the rows between stages: the manifest's, the unit's task (pickled by the planner), the prompt,
+# and the payload: `data` (one file) or `frames` (a sequence segment's frame files).
+STAGE_SCHEMA = manifest.SCHEMA.append(pa.field("task", pa.binary())).append(pa.field("prompt", pa.string())) \
+    .append(pa.field("data", pa.binary())).append(pa.field("frames", pa.list_(pa.binary())))
 
 
 def _rows(batch: pa.Table) -> list[dict[str, Any]]:
@@ -36,102 +45,281 @@ def _table(rows: list[dict[str, Any]], schema: pa.Schema = STAGE_SCHEMA) -> pa.T
 
 def _fail(row: dict[str, Any], error_type: str, exc: BaseException | str) -> dict[str, Any]:
     message = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
-    row.update(status="failed", error_type=error_type, error_message=str(message)[:2000], data=None)
+    row.update(status="failed", error_type=error_type, error_message=str(message)[:2000], data=None, frames=None)
     return row
 
 
-def derive_seed(base_seed: int, data: bytes) -> int:
-    """Per-input seed from the job seed and the input's bytes only — never from its batch, worker or order."""
-    digest = hashlib.sha256(base_seed.to_bytes(8, "little", signed=True) + hashlib.sha256(data).digest()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+def _task(row: dict[str, Any]) -> dict[str, Any]:
+    return pickle.loads(row["task"])
+
+
+# -- read -------------------------------------------------------------------------------------------------------
+def _read_unit(row: dict[str, Any], source: Location) -> None:
+    if row["unit"] == "image":
+        row["data"] = source.read(row["source_key"])
+        return
+    task = _task(row)
+    if task["kind"] == "sequence":
+        row["frames"] = [source.read(key) for key in task["frames"]]
+        return
+    with source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 20) as handle:
+        row["data"] = video.extract_segment(handle, task["segment"], row["source_key"])
 
 
 def read_sources(batch: pa.Table, input_location: Location) -> pa.Table:
-    """CPU task: fetch each pending input's bytes (an object deleted since listing becomes a failed row)."""
+    """CPU task: fetch each unit's encoded input (an object deleted since listing becomes a failed row)."""
     rows = _rows(batch)
     for row in rows:
         row["started_at"] = manifest.utcnow()
         try:
-            row["data"] = input_location.read(row["source_key"])
+            _read_unit(row, input_location)
         except FileNotFoundError as exc:
             _fail(row, "missing_source", f"source disappeared after listing: {exc}")
-        except UnsafeKeyError as exc:
+        except (UnsafeKeyError, media.MediaError) as exc:
             _fail(row, exc.error_type, exc)
         except Exception as exc:  # noqa: BLE001 - one input's storage failure must not fail its batch-mates
             _fail(row, "read_failed", exc)
     return _table(rows)
 
 
-class Upscaler:
-    """Actor: loads the engine once in ``__init__`` and keeps it; ``__call__`` handles one batch of inputs."""
+# -- upscale ----------------------------------------------------------------------------------------------------
+def _engine_failure(row: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    # MemoryError, torch.cuda.OutOfMemoryError: too big for this worker, unlike a broken input.
+    out_of_memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+    return _fail(row, "out_of_memory" if out_of_memory else "engine_failed", exc)
 
-    def __init__(self, config: dict[str, Any], settings: dict[str, Any], prompt_embeds: dict[str, Any] | None = None):
+
+class FlickerMeter:
+    """Mean absolute difference between consecutive output frames, and the same for the bicubic-upscaled input
+    frames (the reference); their ratio is the clip's flicker figure (1.0: no more change than the input)."""
+
+    def __init__(self, scale: int):
+        self.scale = scale
+        self.pairs = 0
+        self.output_sum = self.reference_sum = 0.0
+        self._previous: tuple[np.ndarray, np.ndarray] | None = None
+
+    def add(self, source: np.ndarray, output: np.ndarray) -> None:
+        if self._previous is not None:
+            previous_source, previous_output = self._previous
+            # Bicubic resizing is linear: the upscaled difference is the difference of the upscaled frames.
+            change = _bicubic(source[..., :3] - previous_source[..., :3], self.scale)
+            self.reference_sum += float(np.abs(change).mean())
+            self.output_sum += float(np.abs(output[..., :3] - previous_output[..., :3]).mean())
+            self.pairs += 1
+        self._previous = (source, output)
+
+    def fields(self) -> dict[str, Any]:
+        if not self.pairs:
+            return {"flicker_pairs": 0}
+        reference = self.reference_sum / self.pairs
+        return {"flicker_pairs": self.pairs, "reference_motion": reference,
+                "flicker": self.output_sum / self.reference_sum if self.reference_sum > 0 else None}
+
+
+def _bicubic(image: np.ndarray, scale: int) -> np.ndarray:
+    height, width, channels = image.shape
+    size = (width * scale, height * scale)
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]), mode="F")
+                                .resize(size, Image.Resampling.BICUBIC)) for c in range(channels)], axis=-1)
+
+
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+class Upscaler:
+    """Actor: loads the engine once in ``__init__`` and keeps it; ``__call__`` handles one batch of units, each by
+    its kind: a photo, a video segment, or a frame-sequence segment."""
+
+    def __init__(self, spec: RunSpec, prompt_embeds: dict[str, Any] | None = None):
         import ray
 
-        self.cfg = JobConfig.model_validate(config)
-        self.settings = settings
-        device = self.cfg.model.device or ("cuda" if ray.get_gpu_ids() else "cpu")
+        self.spec = spec
+        device = spec.device or ("cuda" if ray.get_gpu_ids() else "cpu")
         # Prompt embeddings arrive as object refs (computed once per distinct prompt, outside the actors).
         embeds = {prompt: ray.get(ref) for prompt, ref in (prompt_embeds or {}).items()}
-        self.engine = load_engine(self.cfg, settings, device=device, prompt_embeds=embeds)
-        context = ray.get_runtime_context()
-        self.node_id = context.get_node_id()
+        self.engine: Engine = load_engine(spec, device=device, prompt_embeds=embeds)
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.worker = f"{self.node_id[:12]}/{os.getpid()}"
+        self.encoding = video.VideoEncoding(**{key: spec.video[key] for key in ("codec", "crf", "preset", "pix_fmt")})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _table([self._upscale_one(row) if row["status"] is None else row for row in _rows(batch)])
+        return _table([self._upscale(row) if row["status"] is None else row for row in _rows(batch)])
 
-    def _upscale_one(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _upscale(self, row: dict[str, Any]) -> dict[str, Any]:
         row.update(worker=self.worker, node_id=self.node_id)
+        if row["unit"] == "image":
+            return self._image(row)
+        task = _task(row)
+        try:
+            if task["kind"] == "video":
+                return self._video_segment(row, task)
+            return self._sequence_segment(row, task)
+        except media.MediaError as exc:
+            return _fail(row, exc.error_type, exc)
+
+    def _check_output_size(self, row: dict[str, Any], width: int, height: int) -> bool:
+        scale = self.spec.scale
+        if width * height * scale * scale <= self.spec.max_output_pixels:
+            return True
+        _fail(row, "output_too_large", f"{width}x{height} at x{scale} is {width * height * scale * scale} output "
+                                       f"pixels, above limits.max_output_pixels={self.spec.max_output_pixels}")
+        return False
+
+    def _upscale_checked(self, row: dict[str, Any], frames: list[np.ndarray], seeds: list[int]
+                         ) -> list[np.ndarray] | None:
+        """The engine's frames, or None after marking the row failed (engine error or a wrong output size)."""
+        try:
+            upscaled = upscale_frames(self.engine, frames, seeds=seeds, prompt=row["prompt"] or "")
+        except Exception as exc:  # noqa: BLE001 - an engine failure on one unit is that unit's failure
+            _engine_failure(row, exc)
+            return None
+        scale = self.spec.scale
+        for frame, result in zip(frames, upscaled):
+            expected = (frame.shape[0] * scale, frame.shape[1] * scale)
+            if result.shape[:2] != expected:
+                _fail(row, "engine_failed", f"engine returned {result.shape[1]}x{result.shape[0]}, expected "
+                                            f"{expected[1]}x{expected[0]}")
+                return None
+        return upscaled
+
+    def _image(self, row: dict[str, Any]) -> dict[str, Any]:
         data = row["data"]
-        row["seed"] = seed = derive_seed(self.cfg.upscale.seed, data)
+        row["seed"] = seed = derive_seed(self.spec.base_seed, hashlib.sha256(data).digest())
+        output_format = self.spec.settings["output_format"]
+        encoded = self._photo(row, data, seed, output_format, self.spec.settings.get("quality") or 95)
+        if encoded is not None:
+            row.update(data=encoded, status="ok")
+        return row
+
+    def _photo(self, row: dict[str, Any], data: bytes, seed: int, output_format: str, quality: int,
+               name: str | None = None) -> bytes | None:
+        """Decode, upscale and encode one photo or sequence frame; None after marking the row failed."""
+        name = name or row["source_key"]
         try:
-            decoded = media.decode_image(data, row["source_key"], self.cfg.limits.max_input_pixels)
+            decoded = media.decode_image(data, name, self.spec.max_input_pixels)
         except media.MediaError as exc:
-            return _fail(row, exc.error_type, exc)
+            _fail(row, exc.error_type, exc)
+            return None
         except Exception as exc:  # noqa: BLE001
-            return _fail(row, "decode_failed", exc)
+            _fail(row, "decode_failed", exc)
+            return None
         height, width = decoded.pixels.shape[:2]
-        scale = self.settings["scale"]
         row.update(width=width, height=height, source_format=decoded.info.format)
-        if width * height * scale * scale > self.cfg.limits.max_output_pixels:
-            return _fail(row, "output_too_large",
-                         f"{width}x{height} at x{scale} is {width * height * scale * scale} output pixels, above "
-                         f"limits.max_output_pixels={self.cfg.limits.max_output_pixels}")
+        if not self._check_output_size(row, width, height):
+            return None
+        upscaled = self._upscale_checked(row, [media.to_float_rgb(decoded.pixels)], [seed])
+        if upscaled is None:
+            return None
+        row.update(out_width=width * self.spec.scale, out_height=height * self.spec.scale)
         try:
-            upscaled = self.engine.upscale(media.to_float_rgb(decoded.pixels), seed=seed, prompt=row["prompt"] or "")
-        except Exception as exc:  # noqa: BLE001 - an engine failure on one input is that input's failure
-            # MemoryError, torch.cuda.OutOfMemoryError: too big for this worker, unlike a broken input.
-            out_of_memory = isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
-            return _fail(row, "out_of_memory" if out_of_memory else "engine_failed", exc)
-        if upscaled.shape[:2] != (height * scale, width * scale):
-            return _fail(row, "engine_failed", f"engine returned {upscaled.shape[1]}x{upscaled.shape[0]}, expected "
-                                               f"{width * scale}x{height * scale}")
-        try:
-            encoded, _extension = media.encode_image(upscaled, decoded.info, self.cfg.output.format,
-                                                     self.cfg.output.quality)
+            return media.encode_image(upscaled[0], decoded.info, output_format, quality)[0]
         except media.MediaError as exc:
-            return _fail(row, exc.error_type, exc)
+            _fail(row, exc.error_type, exc)
         except Exception as exc:  # noqa: BLE001
-            return _fail(row, "encode_failed", exc)
-        row.update(data=encoded, out_width=width * scale, out_height=height * scale, status="ok")
+            _fail(row, "encode_failed", exc)
+        return None
+
+    def _frame_seeds(self, task: dict[str, Any], start: int, count: int) -> list[int]:
+        """The clip's one seed for every frame; per-frame seeds only in the opt-in ``independent`` mode."""
+        seed = task["clip_seed"]
+        if self.spec.video["noise"] == "consistent":
+            return [seed] * count
+        return [derive_seed(seed, index.to_bytes(8, "little")) for index in range(start, start + count)]
+
+    def _video_segment(self, row: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+        segment, index, timestamps = task["segment"], task["index"], iter(task["pts"])
+        if not self._check_output_size(row, index.width, index.height):
+            return row
+        scale = self.spec.scale
+        flicker = FlickerMeter(scale) if self.spec.measure_flicker else None
+        frames = video.decode_segment(row.pop("data"), segment, row["source_key"])
+        encoder = video.SegmentEncoder(index, self.encoding, index.width * scale, index.height * scale)
+        done = segment.start
+        for chunk in _batched(frames, self.spec.frames_per_call):
+            sources = [media.to_float_rgb(frame) for frame in chunk]
+            upscaled = self._upscale_checked(row, sources, self._frame_seeds(task, done, len(chunk)))
+            if upscaled is None:
+                return row
+            for source, output in zip(sources, upscaled):
+                encoder.add(output, next(timestamps))
+                if flicker is not None:
+                    flicker.add(source, output)
+            done += len(chunk)
+        row.update(data=encoder.finish(), status="staged", width=index.width, height=index.height,
+                   out_width=index.width * scale, out_height=index.height * scale, frames_out=encoder.frames,
+                   codec=self.encoding.codec, **(flicker.fields() if flicker else {}))
+        return row
+
+    def _sequence_segment(self, row: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
+        # Frames are decoded one chunk at a time: a segment of large scans never sits in memory whole.
+        keys, payloads = task["frames"], row.pop("frames")
+        flicker = FlickerMeter(self.spec.scale) if self.spec.measure_flicker else None
+        outputs, size = [], None
+        for start in range(0, len(keys), self.spec.frames_per_call):
+            chunk = list(zip(keys[start:start + self.spec.frames_per_call],
+                             payloads[start:start + self.spec.frames_per_call]))
+            decoded = []
+            for key, data in chunk:
+                try:
+                    image = media.decode_image(data, key, self.spec.max_input_pixels)
+                except media.MediaError as exc:
+                    return _fail(row, exc.error_type, exc)
+                if size is None:
+                    size = image.pixels.shape[:2]
+                    row.update(width=size[1], height=size[0], source_format=image.info.format)
+                    if not self._check_output_size(row, size[1], size[0]):
+                        return row
+                elif image.pixels.shape[:2] != size:
+                    return _fail(row, "sequence_mixed_sizes", f"{key} is {image.pixels.shape[1]}x"
+                                 f"{image.pixels.shape[0]}, the sequence's frames are {size[1]}x{size[0]}")
+                decoded.append(image)
+            sources = [media.to_float_rgb(image.pixels) for image in decoded]
+            upscaled = self._upscale_checked(row, sources, self._frame_seeds(task, row["frame_start"] + start,
+                                                                              len(sources)))
+            if upscaled is None:
+                return row
+            for (key, _), image, source, output in zip(chunk, decoded, sources, upscaled):
+                try:
+                    # Frames go back with their own names, format and bit depth.
+                    outputs.append(media.encode_image(output, image.info, "same", 95)[0])
+                except media.MediaError as exc:
+                    return _fail(row, exc.error_type, f"{key}: {exc}")
+                if flicker is not None:
+                    flicker.add(source, output)
+        row.update(frames=outputs, status="staged", out_width=size[1] * self.spec.scale,
+                   out_height=size[0] * self.spec.scale, frames_out=len(outputs),
+                   **(flicker.fields() if flicker else {}))
         return row
 
 
+# -- write ------------------------------------------------------------------------------------------------------
+def _write_unit(row: dict[str, Any], output: Location) -> None:
+    if row["frames"] is not None:  # a sequence segment: each frame to its final key (same as its source's)
+        task, total = _task(row), 0
+        for key, data in zip(task["frames"], row["frames"]):
+            total += output.write_atomic(key, data).size
+        row.update(output_size=total, output_etag_or_mtime=None)
+        return
+    data = row["data"]
+    written = output.write_atomic(row["output_key"], data)
+    row.update(output_sha256=hashlib.sha256(data).hexdigest(), output_size=written.size,
+               output_etag_or_mtime=written.identity)
+
+
 def write_outputs(batch: pa.Table, output_location: Location, run_id: str) -> pa.Table:
-    """CPU task: write each output atomically, then commit the batch's manifest part (rows after outputs)."""
+    """CPU task: write each output (or staged segment) atomically, then commit the batch's manifest part (rows
+    after outputs)."""
     rows = _rows(batch)
     for row in rows:
-        if row["status"] == "ok":
-            data = row["data"]
+        if row["status"] in ("ok", "staged"):
             try:
-                written = output_location.write_atomic(row["output_key"], data)
+                _write_unit(row, output_location)
             except Exception as exc:  # noqa: BLE001
                 _fail(row, "write_failed", exc)
-            else:
-                row.update(output_sha256=hashlib.sha256(data).hexdigest(), output_size=written.size,
-                           output_etag_or_mtime=written.identity)
-        row["data"] = None
+        row["data"] = row["frames"] = None
         row["finished_at"] = manifest.utcnow()
         if row["started_at"] is not None:
             row["seconds"] = (row["finished_at"] - row["started_at"]).total_seconds()

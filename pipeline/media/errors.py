@@ -2,7 +2,7 @@
 
 
 class MediaError(Exception):
-    """An input or output image that cannot be processed; `error_type` classifies it for manifests."""
+    """An input or output (image or video) that cannot be processed; `error_type` classifies it for manifests."""
 
     error_type = "media_error"
 
@@ -11,8 +11,14 @@ class EmptyFileError(MediaError):
     error_type = "empty_file"
 
 
-class TruncatedImageError(MediaError):
+class TruncatedError(MediaError):
+    """A file that ends before its own structure says it should (images and videos alike)."""
+
     error_type = "truncated"
+
+
+class TruncatedImageError(TruncatedError):
+    pass
 
 
 class NotAnImageError(MediaError):
@@ -37,3 +43,46 @@ class TooLargeForFormatError(MediaError):
 
 class EncodeError(MediaError):
     error_type = "encode_failed"
+
+
+class NotAVideoError(MediaError):
+    """A file with a video extension that no demuxer recognises."""
+
+    error_type = "not_a_video"
+
+
+class NoVideoStreamError(MediaError):
+    """A recognised container without a video stream (audio only, cover art only, subtitles only)."""
+
+    error_type = "no_video_stream"
+
+
+class ZeroFramesError(MediaError):
+    error_type = "zero_frames"
+
+
+class UnsupportedVideoError(MediaError):
+    """A well-formed video this pipeline cannot carry faithfully (e.g. frames without timestamps)."""
+
+    error_type = "unsupported"
+
+
+class UnsupportedCodecError(UnsupportedVideoError):
+    """A video stream whose codec this PyAV/FFmpeg build cannot decode."""
+
+    error_type = "unsupported_codec"
+
+
+class CorruptVideoError(MediaError):
+    error_type = "corrupt"
+
+
+class VideoTooLongError(MediaError):
+    error_type = "too_long"
+
+
+class AssemblyError(MediaError):
+    """Staged segments that cannot be joined into the output: missing or repeated frames, or segments encoded
+    with different codec parameters."""
+
+    error_type = "assembly_failed"

@@ -100,12 +100,13 @@ def test_output_inside_input_is_refused_unless_excluded(tmp_path):
 def test_output_keys_follow_the_format_and_collisions_are_rejected(tmp_path):
     from pipeline.engine import resolve_settings
     from pipeline.plan import make_plan
+    from pipeline.spec import RunSpec
 
     for key in ["a.png", "a.jpg", "b.JPG", "c.heic", "noext"]:
         (tmp_path / "in" / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / key).write_bytes(b"x")
     cfg = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out")))
-    plan = make_plan(cfg, resolve_settings(cfg), "r")
+    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), "r"))
     assert {row["source_key"]: row["output_key"] for row in plan.todo} == {
         "a.jpg": "a.png", "b.JPG": "b.png", "c.heic": "c.png", "noext": "noext.png"}
     [collision] = plan.rejected  # a.png would overwrite a.jpg's output (sorted first, so a.jpg keeps it)
@@ -113,7 +114,7 @@ def test_output_keys_follow_the_format_and_collisions_are_rejected(tmp_path):
     assert "a.jpg" in collision["error_message"]
 
     same = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out"), output={"format": "same"}))
-    plan = make_plan(same, resolve_settings(same), "r")
+    plan = make_plan(same, RunSpec.resolve(same, resolve_settings(same), "r"))
     assert {row["source_key"]: row["output_key"] for row in plan.todo} == {
         "a.png": "a.png", "a.jpg": "a.jpg", "b.JPG": "b.JPG", "c.heic": "c.heic", "noext": "noext"}
 

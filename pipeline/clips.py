@@ -1,0 +1,113 @@
+"""Finishing clips, once every segment of one is staged (the driver calls these as segments come in).
+
+* A video: its staged segment files are remuxed — packets copied, no second encode — with every audio and
+  subtitle packet of the source into the output, built in a local temp file and committed atomically under its
+  key; its manifest row follows, and only then are the staged segments removed (a crash in between leaves at
+  worst staged files the next run sweeps, never a committed output without its row or a row without output).
+* A frame sequence: its frames were written to their final keys by the segments, so finishing it only checks
+  that they agree (one frame size) and sums them up in the sequence's row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+from . import manifest
+from .media import video
+from .storage import Location
+
+
+def combined_flicker(segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """The clip's flicker over its segments' frame pairs (ratio of the summed motions, not a mean of ratios)."""
+    measured = [s for s in segments if s.get("flicker_pairs") and s.get("flicker") is not None]
+    reference = sum(s["reference_motion"] * s["flicker_pairs"] for s in measured)
+    if not reference:
+        return {}
+    output = sum(s["flicker"] * s["reference_motion"] * s["flicker_pairs"] for s in measured)
+    return {"flicker": output / reference, "flicker_pairs": sum(s["flicker_pairs"] for s in measured),
+            "reference_motion": reference / sum(s["flicker_pairs"] for s in measured)}
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _local_segments(output: Location, keys: list[str]):
+    """Local paths of the staged segments: in place on local disks, else downloaded into a temp folder."""
+    if output.is_local:
+        yield [output.path(key) for key in keys]
+        return
+    with tempfile.TemporaryDirectory(prefix="dit4sr-segments-") as folder:
+        paths = []
+        for number, key in enumerate(keys):
+            paths.append(os.path.join(folder, f"{number:06d}.nut"))
+            output.fs.get_file(output.path(key), paths[-1])
+        yield paths
+
+
+def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: video.VideoIndex,
+                 source: Location, output: Location) -> dict[str, Any]:
+    """Ray task: assemble and commit one video; returns its manifest row (``failed`` on any error)."""
+    row = {**row, "started_at": manifest.utcnow()}
+    temp = output.temp_path(row["output_key"])
+    try:
+        with _local_segments(output, [s["output_key"] for s in segments]) as paths, \
+                source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 22) as handle:
+            stats = video.assemble(handle, paths, temp, index, row["source_key"],
+                                   container=os.path.splitext(row["output_key"])[1])
+        sha256 = _sha256_file(temp)
+        written = output.commit_file(row["output_key"], temp)
+    except Exception as exc:  # noqa: BLE001 - this clip fails alone; its staged segments stay for a re-run
+        error_type = getattr(exc, "error_type", "assemble_failed")
+        row.update(status="failed", error_type=error_type, error_message=f"{type(exc).__name__}: {exc}"[:2000])
+    else:
+        row.update(status="ok", output_sha256=sha256, output_size=written.size,
+                   output_etag_or_mtime=written.identity, frames_out=stats["frames"],
+                   duration_out=stats["duration_s"], streams_copied=",".join(stats["streams_copied"]),
+                   codec=stats["codec"], out_width=segments[0]["out_width"], out_height=segments[0]["out_height"],
+                   **combined_flicker(segments))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+    return _finished(row)
+
+
+def finish_sequence(row: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """A frame sequence's row from its staged segments (their frames are already at their final keys)."""
+    row = {**row, "started_at": manifest.utcnow()}
+    sizes = {(s["width"], s["height"]) for s in segments}
+    if len(sizes) > 1:
+        row.update(status="failed", error_type="sequence_mixed_sizes",
+                   error_message=f"the sequence's frames have {len(sizes)} sizes: {sorted(sizes)}")
+    else:
+        row.update(status="ok", width=segments[0]["width"], height=segments[0]["height"],
+                   out_width=segments[0]["out_width"], out_height=segments[0]["out_height"],
+                   frames_out=sum(s["frames_out"] or 0 for s in segments),
+                   output_size=sum(s["output_size"] or 0 for s in segments), **combined_flicker(segments))
+    return _finished(row)
+
+
+def _finished(row: dict[str, Any]) -> dict[str, Any]:
+    row["finished_at"] = manifest.utcnow()
+    row["seconds"] = (row["finished_at"] - row["started_at"]).total_seconds()
+    return row
+
+
+def remove_staged(output: Location, keys: list[str]) -> None:
+    """Delete staged segment files (already gone is fine: a crash may have removed some)."""
+    for key in keys:
+        with contextlib.suppress(FileNotFoundError):
+            output.remove(key)
+    if output.is_local:  # object stores have no folders; local ones would stay behind empty
+        for folder in {os.path.dirname(output.path(key)) for key in keys}:
+            with contextlib.suppress(OSError):
+                os.removedirs(folder)

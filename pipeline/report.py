@@ -1,0 +1,254 @@
+"""The run report: ``_report.html`` beside the run's manifests (``<output.uri>/_manifests/run=<id>/``).
+
+One self-contained page — inline CSS, an inline SVG plot, thumbnails as data URIs and one line of inline script
+per slider; nothing is fetched — that an operator opens from the bucket or disk: totals, throughput over time,
+failures by type with a few examples each, and before/after sliders for a sample of image outputs (a crop of
+the output at 1:1 against the same region of the source, enlarged without smoothing).
+
+Rows are grouped by ``status`` and ``error_type`` only, so any unit of work (an image, a video segment) counts;
+before/after pairs are made for image outputs alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import json
+import logging
+import statistics
+from collections import Counter, defaultdict
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import media
+from .config import JobConfig
+from .manifest import MANIFEST_DIR
+from .plan import locations
+from .storage import Location
+
+log = logging.getLogger("pipeline")
+
+REPORT_NAME = "_report.html"
+PAIRS = 6  # before/after sliders per report
+CROP = 224  # output pixels shown 1:1 in a slider (each side)
+CONTEXT = 112  # longest side of the whole-output thumbnail beside each slider
+EXAMPLES = 3  # failure examples per error type
+BUCKETS = 40  # bars in the throughput plot, at most
+
+
+def report_key(run_id: str) -> str:
+    return f"{MANIFEST_DIR}/run={run_id}/{REPORT_NAME}"
+
+
+def write_report(cfg: JobConfig, summary: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
+    """Render and commit the run's report; returns its URI. Never fails the run: the outputs and manifests are
+    committed already, so a report that cannot be made is logged and skipped."""
+    try:
+        source, output = locations(cfg)
+        pairs = [pair for row in sample_pairs(rows) if (pair := _pair(source, output, row, cfg)) is not None]
+        key = report_key(summary["run_id"])
+        output.write_atomic(key, render(summary, rows, pairs, cfg).encode())
+        return output.url(key)
+    except Exception:  # noqa: BLE001
+        log.warning("could not write the run report", exc_info=True)
+        return None
+
+
+def sample_pairs(rows: list[dict[str, Any]], count: int = PAIRS) -> list[dict[str, Any]]:
+    """Up to ``count`` ok rows with image outputs, spread evenly over the sorted source keys (deterministic)."""
+    images = sorted((row for row in rows if row["status"] == "ok" and row.get("output_key")
+                     and media.kind_of(row["output_key"]) == media.IMAGE), key=lambda row: row["source_key"])
+    if len(images) <= count:
+        return images
+    return [images[round(i * (len(images) - 1) / (count - 1))] for i in range(count)]
+
+
+def _rgb(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Decoded like the pipeline decodes it (orientation applied), alpha flattened onto white."""
+    pixels = media.to_float_rgb(media.decode_image(data, name, max_pixels).pixels)
+    if pixels.shape[2] == 4:
+        pixels = pixels[:, :, :3] * pixels[:, :, 3:] + (1 - pixels[:, :, 3:])
+    return Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+
+
+def _data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=88)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _pair(source: Location, output: Location, row: dict[str, Any], cfg: JobConfig) -> dict[str, Any] | None:
+    try:
+        before = _rgb(source.read(row["source_key"]), row["source_key"], cfg.limits.max_input_pixels)
+        after = _rgb(output.read(row["output_key"]), row["output_key"], cfg.limits.max_output_pixels)
+    except Exception as exc:  # noqa: BLE001 - e.g. the source changed since: that pair is left out
+        log.info("report: no before/after for %s: %s", row["source_key"], exc)
+        return None
+    width, height = min(CROP, after.width), min(CROP, after.height)
+    left, top = (after.width - width) // 2, (after.height - height) // 2
+    sx, sy = before.width / after.width, before.height / after.height
+    region = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    context = after.copy()
+    context.thumbnail((CONTEXT, CONTEXT), Image.Resampling.LANCZOS)
+    return {
+        "row": row, "width": width, "height": height,
+        "before": _data_uri(before.resize((width, height), Image.Resampling.NEAREST, box=region)),
+        "after": _data_uri(after.crop((left, top, left + width, top + height))),
+        "context": _data_uri(context),
+        # where the crop lies in the context thumbnail, in percent
+        "box": [100 * left / after.width, 100 * top / after.height, 100 * width / after.width,
+                100 * height / after.height],
+    }
+
+
+def _throughput_svg(rows: list[dict[str, Any]]) -> str:
+    """Bars of inputs finished per minute over the run (ok and failed stacked), as inline SVG."""
+    done = [row for row in rows if row["status"] in ("ok", "failed") and row.get("finished_at")]
+    if not done:
+        return "<p class=muted>Nothing was processed in this run.</p>"
+    starts = [row["started_at"] for row in done if row.get("started_at")]
+    t0 = min(starts + [row["finished_at"] for row in done])
+    offsets = [((row["finished_at"] - t0).total_seconds(), row["status"]) for row in done]
+    span = max(1.0, max(offset for offset, _ in offsets))
+    count = max(1, min(BUCKETS, len(done)))
+    width = span / count
+    bars: list[Counter] = [Counter() for _ in range(count)]
+    for offset, status in offsets:
+        bars[min(count - 1, int(offset / width))][status] += 1
+    per_minute = 60 / width
+    peak = max(sum(bar.values()) for bar in bars) * per_minute
+    w, h, left, bottom, top = 720, 220, 56, 28, 12
+    plot_w, plot_h = w - left - 12, h - bottom - top
+    bar_w = plot_w / count
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
+             'role="img" aria-label="inputs finished per minute over the run">']
+    for fraction in (0, 0.5, 1):
+        y = top + plot_h * (1 - fraction)
+        parts.append(f'<line x1="{left}" x2="{w - 12}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{peak * fraction:.3g}</text>')
+    for index, bar in enumerate(bars):
+        x, base = left + index * bar_w, top + plot_h
+        for status in ("ok", "failed"):
+            if bar[status]:
+                height = plot_h * bar[status] * per_minute / peak
+                base -= height
+                parts.append(f'<rect x="{x + 0.5:.1f}" y="{base:.1f}" width="{max(bar_w - 1, 1):.1f}" '
+                             f'height="{height:.1f}" class="{status}"><title>{bar[status]} {status}, '
+                             f'{index * width:.0f}–{(index + 1) * width:.0f} s</title></rect>')
+    unit, scale = ("min", 60) if span > 180 else ("s", 1)
+    for fraction in (0, 0.5, 1):
+        x = left + plot_w * fraction
+        anchor = ("start", "middle", "end")[int(fraction * 2)]
+        parts.append(f'<text x="{x:.1f}" y="{h - 8}" text-anchor="{anchor}">{span * fraction / scale:.3g} {unit}'
+                     '</text>')
+    parts.append(f'<text x="14" y="{top + plot_h / 2:.0f}" transform="rotate(-90 14 {top + plot_h / 2:.0f})" '
+                 'text-anchor="middle">inputs / min</text></svg>')
+    return "".join(parts)
+
+
+def _failures(rows: list[dict[str, Any]]) -> str:
+    failed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "failed":
+            failed[row.get("error_type") or "unknown"].append(row)
+    if not failed:
+        return "<p class=muted>No failures.</p>"
+    out = ["<table><thead><tr><th>error type</th><th>inputs</th><th>examples</th></tr></thead><tbody>"]
+    for error_type, items in sorted(failed.items(), key=lambda item: (-len(item[1]), item[0])):
+        examples = "".join(
+            f"<li><code>{html.escape(row['source_key'])}</code> — {html.escape((row.get('error_message') or '')[:300])}"
+            "</li>" for row in sorted(items, key=lambda row: row["source_key"])[:EXAMPLES])
+        more = f"<li class=muted>and {len(items) - EXAMPLES} more</li>" if len(items) > EXAMPLES else ""
+        out.append(f"<tr><td><code>{html.escape(error_type)}</code></td><td class=num>{len(items)}</td>"
+                   f"<td><ul>{examples}{more}</ul></td></tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _pairs_html(pairs: list[dict[str, Any]]) -> str:
+    if not pairs:
+        return "<p class=muted>No image outputs in this run.</p>"
+    out = []
+    for pair in pairs:
+        row = pair["row"]
+        left, top, width, height = pair["box"]
+        details = [f"{row['width']}×{row['height']} → {row['out_width']}×{row['out_height']}"
+                   if row.get("width") and row.get("out_width") else "",
+                   f"{row['seconds']:.1f} s" if row.get("seconds") is not None else ""]
+        out.append(
+            f'<figure class=pair style="--pos:50%">'
+            f'<div class=frame style="width:{pair["width"]}px;height:{pair["height"]}px">'
+            f'<img class=after src="{pair["after"]}" width={pair["width"]} height={pair["height"]} alt="after">'
+            f'<img class=before src="{pair["before"]}" width={pair["width"]} height={pair["height"]} alt="before">'
+            '<span class="tag l">before</span><span class="tag r">after</span></div>'
+            '<input type=range min=0 max=100 value=50 aria-label="before / after" '
+            'oninput="this.parentNode.style.setProperty(\'--pos\', this.value + \'%\')">'
+            f'<figcaption><span class=context><img src="{pair["context"]}" alt="whole output">'
+            f'<i style="left:{left:.1f}%;top:{top:.1f}%;width:{width:.1f}%;height:{height:.1f}%"></i></span>'
+            f'<code>{html.escape(row["output_key"])}</code><br>{" · ".join(filter(None, details))}'
+            '</figcaption></figure>')
+    return "".join(out)
+
+
+_STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1100px;padding:0 16px;color:#1d232a}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
+.muted{color:#6b7480}code{font-size:12.5px}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:16px 0}
+.card{border:1px solid #dde2e8;border-radius:8px;padding:8px 14px;min-width:90px}
+.card b{display:block;font-size:20px}.card.failed b{color:#b3261e}.card.ok b{color:#1b7f3b}
+svg text{font-size:11px;fill:#4a525c}svg .grid{stroke:#e4e8ec}svg .ok{fill:#3d9a5b}svg .failed{fill:#d0453b}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e4e8ec;padding:6px 8px;text-align:left;
+vertical-align:top}td.num{text-align:right}ul{margin:0;padding-left:18px}
+.pair{display:inline-block;margin:0 18px 18px 0;vertical-align:top}
+.frame{position:relative;line-height:0;border:1px solid #c9cfd6}
+.frame img{position:absolute;left:0;top:0;image-rendering:pixelated}
+.frame img.before{clip-path:inset(0 calc(100% - var(--pos)) 0 0)}
+.frame::after{content:"";position:absolute;top:0;bottom:0;left:var(--pos);border-left:2px solid #fff;
+box-shadow:0 0 2px #000}
+.tag{position:absolute;top:4px;font-size:11px;line-height:1.4;background:#0009;color:#fff;padding:0 5px;
+border-radius:3px}.tag.l{left:4px}.tag.r{right:4px}
+.pair input{display:block;width:100%;margin:6px 0}
+figcaption{font-size:12px;max-width:340px}
+.context{position:relative;display:inline-block;float:right;margin-left:8px;line-height:0}
+.context i{position:absolute;border:1px solid #ff0;outline:1px solid #0008}
+details pre{font-size:12px;background:#f5f7f9;padding:8px;overflow:auto}
+"""
+
+
+def render(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
+           cfg: JobConfig) -> str:
+    seconds = [row["seconds"] for row in rows if row["status"] in ("ok", "failed") and row.get("seconds") is not None]
+    timing = (f"median {statistics.median(seconds):.2f} s, slowest {max(seconds):.2f} s per input"
+              if seconds else "")
+    cards = "".join(
+        f'<div class="card {css}"><b>{html.escape(str(value))}</b>{label}</div>' for css, value, label in (
+            ("", summary["inputs"], "inputs"), ("ok", summary["ok"], "ok"), ("failed", summary["failed"], "failed"),
+            ("", summary["skipped"], "skipped (already done)"), ("", f"{summary['seconds']:.1f} s", "wall time"),
+            ("", summary.get("items_per_min") or 0, "inputs / min")))
+    settings = json.dumps(summary.get("settings", {}), indent=2, sort_keys=True, default=str)
+    written = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Run {html.escape(summary['run_id'])} — dit4sr catalog</title><style>{_STYLE}</style></head>
+<body>
+<h1>Run {html.escape(summary['run_id'])}</h1>
+<div class=muted>{html.escape(cfg.input.uri)} → {html.escape(cfg.output.uri)} · config
+<code>{html.escape(summary['config_fingerprint'])}</code> · report written {written}</div>
+<div class=cards>{cards}</div>
+<div class=muted>{timing}</div>
+<h2>Throughput over time</h2>
+{_throughput_svg(rows)}
+<h2>Failures by type</h2>
+{_failures(rows)}
+<h2>Before / after</h2>
+<p class=muted>A crop of each output at full resolution against the same region of its source, enlarged without
+smoothing; drag the slider. The small picture shows where the crop lies.</p>
+{_pairs_html(pairs)}
+<details><summary>Settings (what the config fingerprint covers)</summary><pre>{html.escape(settings)}</pre></details>
+</body></html>
+"""

@@ -1,0 +1,79 @@
+"""The run spec: everything a worker needs to turn a unit of work into output bytes, resolved once by the driver.
+
+Workers never see the raw config: the spec carries the resolved settings (what the config fingerprint hashes)
+and the few operational values that do not change bytes (model location, threads, limits). It is immutable and
+small, so it travels to every actor and task unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import JobConfig, fingerprint
+
+
+def _frozen(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(mapping.items()))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    _settings: tuple[tuple[str, Any], ...]  # photo settings: model, sampler, seed, scale, output format
+    _video: tuple[tuple[str, Any], ...]  # what else changes a clip's bytes: segmenting, noise mode, encoder
+    # What workers need beyond the fingerprinted settings (none of it changes output bytes).
+    model_path: str
+    model_transformer: str | None
+    model_release: str | None
+    model_storage_options: tuple[tuple[str, Any], ...]
+    device: str | None
+    torch_threads: int
+    max_input_pixels: int
+    max_output_pixels: int
+    base_seed: int  # per-unit seeds derive from it (engines without a seed setting still record theirs)
+    frames_per_call: int
+    measure_flicker: bool
+
+    @classmethod
+    def resolve(cls, cfg: JobConfig, settings: dict[str, Any], run_id: str) -> "RunSpec":
+        video = cfg.video
+        return cls(
+            run_id=run_id, _settings=_frozen(settings),
+            _video=_frozen({"segment_seconds": video.segment_seconds, "noise": video.noise, "codec": video.codec,
+                            "crf": video.crf, "preset": video.preset, "pix_fmt": video.pix_fmt}),
+            model_path=cfg.model.path, model_transformer=cfg.model.transformer, model_release=cfg.model.release,
+            model_storage_options=_frozen(cfg.model.storage_options), device=cfg.model.device,
+            torch_threads=cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)),
+            max_input_pixels=cfg.limits.max_input_pixels, max_output_pixels=cfg.limits.max_output_pixels,
+            base_seed=cfg.upscale.seed, frames_per_call=video.frames_per_call, measure_flicker=video.measure_flicker)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self._settings)
+
+    @property
+    def video(self) -> dict[str, Any]:
+        return dict(self._video)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return dict(self.model_storage_options)
+
+    @property
+    def scale(self) -> int:
+        return int(self.settings["scale"])
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.settings)
+
+    def unit_fingerprint(self, unit: str, image_fingerprint: str) -> str:
+        """What a unit's bytes depend on: photos, the photo settings (prompt included); videos and their
+        segments also segmenting, noise mode and encoder; sequences only the noise mode (frames are photos
+        written in their own format)."""
+        if unit == "image":
+            return image_fingerprint
+        if unit == "sequence":
+            return fingerprint({"image": image_fingerprint, "noise": self.video["noise"], "output_format": "same"})
+        return fingerprint({"image": image_fingerprint, **self.video})
