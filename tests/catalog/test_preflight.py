@@ -1,0 +1,112 @@
+"""Input errors are errors: a missing folder or bucket, an unreadable bucket or refused credentials end the job
+with exit 1 and one line naming the URI and the cause, before planning and before any model loads; an existing
+but empty input is a success with 0 inputs."""
+
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+from catalog_support import job_config, manifests, small_catalog, write_catalog
+from moto_process import moto_server, require_authentication
+from ops_support import Job, session_ray_address
+
+from pipeline.config import validate_config
+from pipeline.preflight import PreflightError
+from pipeline.run import EXIT_JOB_FAILED, EXIT_OK, run_job
+
+
+def refused(config: dict) -> str:
+    """The one-line message run_job refuses ``config`` with."""
+    with pytest.raises(PreflightError) as error:
+        run_job(validate_config(config))
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_mistyped_input_folder_exits_1_with_one_line_and_does_nothing(ray_local, tmp_path):
+    missing = tmp_path / "photos-typo"
+    config = job_config(str(missing), str(tmp_path / "out"))
+    job = Job(config, tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
+    assert job.finish() == EXIT_JOB_FAILED, job.log
+    errors = [line for line in job.lines if line.startswith("error:")]
+    assert errors == [f"error: input.uri {missing}: no such folder ({missing})\n"], job.log
+    assert "Traceback" not in job.log and "progress" not in job.log
+    assert not (tmp_path / "out").exists()  # no lock, no manifest: nothing written
+
+
+def test_local_input_and_output_errors_name_the_uri_and_cause(tmp_path):
+    (tmp_path / "a-file").write_bytes(b"x")
+    output = str(tmp_path / "out")
+    assert refused(job_config(str(tmp_path / "nope"), output)) == \
+        f"input.uri {tmp_path / 'nope'}: no such folder ({tmp_path / 'nope'})"
+    assert refused(job_config(str(tmp_path / "a-file"), output)) == f"input.uri {tmp_path / 'a-file'}: not a folder"
+    (tmp_path / "in").mkdir()
+    assert refused(job_config(str(tmp_path / "in"), str(tmp_path / "a-file"))) == \
+        f"output.uri {tmp_path / 'a-file'}: not a folder"
+    with pytest.raises(PreflightError, match="no such folder"):  # a dry run checks too
+        run_job(validate_config(job_config(str(tmp_path / "nope"), output)), dry_run=True)
+
+
+def test_an_empty_input_is_a_success_with_0_inputs(ray_local, tmp_path):
+    (tmp_path / "in").mkdir()
+    assert run_job(validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out")))) == EXIT_OK
+    summary = json.loads(next((tmp_path / "out").glob("_manifests/run=*/_summary.json")).read_text())
+    assert (summary["inputs"], summary["ok"], summary["failed"]) == (0, 0, 0)
+
+
+def test_an_absent_input_gets_the_example_catalog_where_configured(ray_local, tmp_path):
+    config = job_config(str(tmp_path / "catalog"), str(tmp_path / "out"), input={"example_catalog": True})
+    assert run_job(validate_config(config)) == EXIT_OK
+    rows = manifests(tmp_path / "out")
+    assert len(rows) == 5 and set(rows.status) == {"ok"}
+
+
+def test_missing_buckets_are_named(bucket, s3_options):
+    def s3(input_uri: str, output_uri: str) -> dict:
+        config = job_config(input_uri, output_uri)
+        config["input"]["storage_options"] = config["output"]["storage_options"] = s3_options
+        return config
+
+    assert refused(s3("s3://no-such-input/photos", f"s3://{bucket}/out")) == \
+        "input.uri s3://no-such-input/photos: no such bucket (NoSuchBucket: The specified bucket does not exist)"
+    assert refused(s3(f"s3://{bucket}/photos", "s3://no-such-output/x4")) == \
+        "output.uri s3://no-such-output/x4: no such bucket (NoSuchBucket: The specified bucket does not exist)"
+
+
+def test_an_unreadable_bucket_and_refused_credentials_are_named(tmp_path):
+    """A moto server that checks signatures and IAM policies: a user allowed on one bucket only."""
+    with moto_server() as url:
+        admin = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "admin",
+                 "aws_secret_access_key": "admin"}
+        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+        for name in ("photos", "archive"):
+            s3.create_bucket(Bucket=name)
+        s3.put_object(Bucket="photos", Key="in/a.png", Body=small_catalog(1)["album0/photo 0.png"])
+        iam.create_user(UserName="catalog")
+        iam.put_user_policy(UserName="catalog", PolicyName="photos-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                           "Resource": ["arn:aws:s3:::photos", "arn:aws:s3:::photos/*"]}]}))
+        key = iam.create_access_key(UserName="catalog")["AccessKey"]
+        require_authentication(url)
+        options = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "endpoint_url": url,
+                   "client_kwargs": {"region_name": "us-east-1"}}
+
+        def s3_config(input_uri: str, **overrides) -> dict:
+            config = job_config(input_uri, "s3://photos/out")
+            config["input"]["storage_options"] = config["output"]["storage_options"] = {**options, **overrides}
+            return config
+
+        assert refused(s3_config("s3://archive/in")) == "input.uri s3://archive/in: access denied " \
+                                                        "(AccessDenied: Access Denied)"
+        assert refused(s3_config("s3://photos/in", key="AKIAUNKNOWNKEY000000")).startswith(
+            "input.uri s3://photos/in: credentials refused (InvalidAccessKeyId: ")
+        assert refused(s3_config("s3://photos/in", secret="not-the-secret")).startswith(
+            "input.uri s3://photos/in: credentials refused (SignatureDoesNotMatch: ")
+        # the same user on its own bucket passes the checks (planning, which needs Ray, is not run here)
+        from pipeline.preflight import check
+
+        check(validate_config(s3_config("s3://photos/in")))

@@ -1,0 +1,169 @@
+"""The run lock (pipeline.lease): one run at a time per output, on local disks and on S3 (moto's server, which
+implements S3's conditional writes: If-None-Match on create, If-Match on renewal, takeover and release)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from catalog_support import job_config, small_catalog
+from ops_engines import gate_path
+from ops_support import Job, manifest_rows, session_ray_address, upload
+
+from pipeline.config import LockConfig
+from pipeline.lease import LEASE_KEY, RunLease, RunLocked
+from pipeline.run import EXIT_LOCKED, EXIT_OK
+from pipeline.storage import Location
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> tuple[Location, Location]:
+    """(input, output) locations on a local disk or in a moto S3 bucket."""
+    if request.param == "local":
+        return Location(str(tmp_path / "in"), {}), Location(str(tmp_path / "out"), {})
+    bucket, options = request.getfixturevalue("bucket"), request.getfixturevalue("s3_options")
+    return Location(f"s3://{bucket}/in", options), Location(f"s3://{bucket}/out", options)
+
+
+def lease_record(output: Location) -> dict | None:
+    try:
+        return json.loads(output.read(LEASE_KEY))
+    except FileNotFoundError:
+        return None
+
+
+def write_expired_lease(output: Location, holder: str = "crashed-host/4242") -> None:
+    output.write_atomic(LEASE_KEY, json.dumps({"holder": holder, "token": "stale", "acquired_at": "earlier",
+                                               "expires_at": time.time() - 1}).encode())
+
+
+def test_a_live_lease_keeps_a_second_run_out_until_released(store):
+    _, output = store
+    with RunLease(output, LockConfig(ttl_s=60)) as first:
+        assert lease_record(output)["holder"] == first.holder
+        with pytest.raises(RunLocked, match=f"is locked by another run: {first.holder}.*run.lock.wait_s"):
+            RunLease(output, LockConfig()).__enter__()
+    assert lease_record(output) is None  # released
+    with RunLease(output, LockConfig()):
+        pass
+
+
+def test_the_holder_renews_its_lease(store):
+    _, output = store
+    with RunLease(output, LockConfig(ttl_s=3)):
+        first = lease_record(output)["expires_at"]
+        deadline = time.monotonic() + 60
+        while lease_record(output)["expires_at"] == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            time.sleep(0.1)
+        assert lease_record(output)["expires_at"] > first
+
+
+@pytest.mark.parametrize("situation", ["free", "expired"])
+def test_of_runs_racing_for_the_lease_exactly_one_gets_it(store, situation):
+    _, output = store
+    if situation == "expired":
+        write_expired_lease(output)
+    contenders = [RunLease(output, LockConfig(ttl_s=60)) for _ in range(6)]
+    start, winners, locked = threading.Barrier(len(contenders)), [], []
+
+    def contend(lease: RunLease) -> None:
+        start.wait()
+        try:
+            winners.append(lease.__enter__())
+        except RunLocked:
+            locked.append(lease)
+
+    threads = [threading.Thread(target=contend, args=(lease,)) for lease in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(winners), len(locked)) == (1, len(contenders) - 1)
+    assert lease_record(output)["token"] == winners[0].token
+    winners[0].__exit__(None, None, None)
+    assert lease_record(output) is None
+
+
+def test_a_holder_whose_lease_was_taken_over_notices_and_leaves_it(store, caplog):
+    _, output = store
+    with RunLease(output, LockConfig(ttl_s=3)) as stalled:
+        write_expired_lease(output, holder="the-other-run/1")  # as if another run had taken it over
+        deadline = time.monotonic() + 60
+        while not stalled.lost:
+            assert time.monotonic() < deadline, "the holder never noticed"
+            time.sleep(0.1)
+    assert lease_record(output)["holder"] == "the-other-run/1"  # not deleted by the run that lost it
+    assert "lost" in caplog.text
+
+
+@pytest.fixture
+def gate(ray_local):
+    """The gated engine's gate, closed; opened at the end whatever happened, so no run stays stuck on it."""
+    path = gate_path()
+    for stale in (path, path.with_suffix(".waiting")):
+        stale.unlink(missing_ok=True)
+    yield path
+    path.touch()
+
+
+def _lock_config(input: Location, output: Location, **lock) -> tuple[dict, dict]:
+    config = job_config(input.uri, output.uri, model={"path": "ops_engines:gated"},
+                        compute={"batch_size": 2, "actors": {"min": 1, "max": 1}}, run={"lock": lock})
+    config["input"]["storage_options"] = input.storage_options
+    config["output"]["storage_options"] = output.storage_options
+    return config, {"RAY_ADDRESS": session_ray_address()}
+
+
+@pytest.mark.slow
+def test_overlapping_runs_commit_every_input_exactly_once(gate, store, tmp_path):
+    source, output = store
+    files = small_catalog(6)
+    upload(source, files)
+    config, env = _lock_config(source, output, ttl_s=30)
+    first = Job(config, tmp_path / "first.yaml", env=env)
+    first.wait_for(gate.with_suffix(".waiting").exists, "the first run to start upscaling")  # holds the lease
+
+    refused = Job(config, tmp_path / "second.yaml", env=env)
+    assert refused.finish() == EXIT_LOCKED, refused.log
+    assert f"output {output.uri} is locked by another run: " in refused.log and "run.lock.wait_s" in refused.log
+
+    config["run"]["lock"]["wait_s"] = 600
+    waiting = Job(config, tmp_path / "third.yaml", env=env)
+    waiting.wait_for(lambda: "waiting up to" in waiting.log, "the third run to wait for the lock")
+    gate.touch()
+    assert first.finish() == EXIT_OK, first.log
+    assert waiting.finish() == EXIT_OK, waiting.log
+
+    rows = manifest_rows(output)
+    ok = rows[rows.status == "ok"]
+    assert sorted(ok.source_key) == sorted(files)  # every input committed exactly once across the runs
+    assert ok.run_id.nunique() == 1
+    last = rows[rows.run_id != ok.run_id.iloc[0]]
+    assert sorted(last.source_key) == sorted(files) and set(last.status) == {"skipped"}
+    assert lease_record(output) is None
+
+
+@pytest.mark.slow
+def test_the_lease_of_a_killed_run_is_taken_over_after_it_expires(gate, store, tmp_path):
+    source, output = store
+    files = small_catalog(4)
+    upload(source, files)
+    config, env = _lock_config(source, output, ttl_s=5)
+    crashed = Job(config, tmp_path / "crashed.yaml", env=env)
+    crashed.wait_for(gate.with_suffix(".waiting").exists, "the run to start upscaling")
+    crashed.kill()  # SIGKILL: the driver and its local Ray, mid-run; nothing releases the lease
+    stale = lease_record(output)
+    assert stale["holder"].endswith(f"/{crashed.process.pid}")
+
+    gate.touch()
+    config["run"]["lock"]["wait_s"] = 600
+    rerun = Job(config, tmp_path / "rerun.yaml", env=env)
+    assert rerun.finish() == EXIT_OK, rerun.log
+    assert f"took over the expired lease of {stale['holder']}" in rerun.log
+
+    rows = manifest_rows(output)
+    assert sorted(rows[rows.status == "ok"].source_key) == sorted(files)  # each exactly once
+    assert lease_record(output) is None

@@ -1,0 +1,68 @@
+"""dit4sr.storage.local_copy: a remote model is downloaded once per machine into its node-local cache, even by
+processes that ask for it at the same moment (the upscaling actors of one Ray node starting together)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from collections import Counter
+from urllib.parse import urlsplit
+
+import boto3
+import s3fs
+from moto_process import moto_server, recorded_requests
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MODEL = {
+    "model_index.json": b'{"_class_name": "DiT4SRPipeline"}',
+    "transformer/config.json": b'{"patch_size": 2}',
+    "transformer/diffusion_pytorch_model.safetensors": os.urandom(4 << 20),
+    "vae/diffusion_pytorch_model.safetensors": os.urandom(1 << 20),
+}
+STORAGE = REPO / "dit4sr" / "storage.py"
+# Each process imports first, then waits for the start signal, so that all of them ask at once. The module is
+# loaded from its file: importing the dit4sr package would load torch in every process, for nothing.
+ASK = """
+import importlib.util, json, os, sys, time
+spec = importlib.util.spec_from_file_location("model_storage", sys.argv[4])
+storage = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(storage)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.005)
+print(storage.local_copy(sys.argv[1], storage_options=json.loads(sys.argv[2])))
+"""
+
+
+def test_processes_starting_together_download_a_remote_model_once(tmp_path):
+    recording = tmp_path / "requests.jsonl"
+    with moto_server(MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(recording)) as url:
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
+                     region_name="us-east-1").create_bucket(Bucket="models")
+        options = {"key": "k", "secret": "s", "endpoint_url": url, "client_kwargs": {"region_name": "us-east-1"}}
+        fs = s3fs.S3FileSystem(**options)
+        for key, data in MODEL.items():
+            fs.pipe_file(f"models/tiny/{key}", data)
+        go = tmp_path / "go"
+        env = {**os.environ, "DIT4SR_CACHE": str(tmp_path / "cache")}
+        askers = [subprocess.Popen([sys.executable, "-c", ASK, "s3://models/tiny", json.dumps(options), str(go),
+                                    str(STORAGE)],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for _ in range(4)]
+        go.touch()
+        results = [asker.communicate(timeout=300) for asker in askers]
+        requests = recorded_requests(str(recording))
+
+    assert all(asker.returncode == 0 for asker in askers), [err for _, err in results]
+    copies = {out.strip() for out, _ in results}
+    assert len(copies) == 1
+    copy = pathlib.Path(copies.pop())
+    assert copy.parent == tmp_path / "cache"  # the node-local cache
+    assert {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == MODEL
+    downloads = Counter(urlsplit(request["url"]).path for request in requests
+                        if request["method"] == "GET" and urlsplit(request["url"]).path.startswith("/models/")
+                        and not urlsplit(request["url"]).query)  # object GETs, not listings
+    assert downloads == {f"/models/tiny/{key}": 1 for key in MODEL}  # once each, though four processes asked
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial-")]
