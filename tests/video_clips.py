@@ -92,10 +92,11 @@ def write_clip(
     chapters: bool = False,
     container_options: dict[str, str] | None = None,
 ) -> pathlib.Path:
-    """Write a clip: `frames` frames of `frame_pixels(i, *size, content)` at 25 fps (or at `pts` in `time_base`
-    units: variable frame rate), optionally with 1 s of stereo AAC, text subtitle streams ("ass", "subrip", "mov_text"), a display-matrix
-    rotation (degrees counter-clockwise), colour tags (`color`: a COLOR_TAGS key), a range tag, a font attachment
-    (Matroska: FONT, as ASS subtitles carry theirs) and two chapters (CHAPTERS)."""
+    """Write a clip (the container follows `path`'s extension): `frames` frames of `frame_pixels(i, *size,
+    content)` at 25 fps, or at `pts` in `time_base` units (variable frame rate); optionally 1 s of stereo AAC, text
+    subtitle streams ("ass", "subrip", "mov_text"), a display-matrix rotation (degrees counter-clockwise), colour
+    tags (`color`: a COLOR_TAGS key; frames are converted with that matrix, else BT.601), a range tag, a font
+    attachment (Matroska: FONT, as ASS subtitles carry theirs) and two chapters (CHAPTERS)."""
     width, height = size
     time_base = time_base or Fraction(1, RATE)
     pts = list(pts) if pts is not None else [round(i / (RATE * time_base)) for i in range(frames)]

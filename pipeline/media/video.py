@@ -10,8 +10,10 @@ audio and subtitle packets into the output. Only encoded bytes travel between th
     assemble(source, staged, out, index, name)  -> stats        remux, no re-encode, + audio/subtitle packets copied
     output_container(source_key, index, codec)  -> ".mp4" | ".mov" | ".mkv"
 
-Any `source` may be a local path or a binary file object with random access (an fsspec file): every step reads the
-container header and then only the byte ranges it needs. Errors are `MediaError`s with an `error_type`.
+Any `source` may be a local path or a binary file object with random access (an fsspec file). `extract_segment`
+reads the container header and that segment's byte range only; `index_video` reads every video packet (they are
+hashed into the clip's identity); `assemble` reads the audio and subtitle packets (in an interleaved container, most
+of the file). Errors are `MediaError`s with an `error_type`; invalid settings are `ValueError`s.
 
 Decisions (each is a trade-off an operator may ask about):
 
