@@ -168,7 +168,8 @@ def group_inputs(entries: list[Entry], sequence_folders: list[str]) -> tuple[lis
             continue
         members.sort(key=lambda member: member[0])
         widths = {len(digits) for _, digits, _ in members}
-        number = f"%0{widths.pop()}d" if len(widths) == 1 else "%d"
+        padded = len(widths) == 1 and any(digits.startswith("0") for _, digits, _ in members)
+        number = f"%0{widths.pop()}d" if padded else "%d"
         key = str(pathlib.PurePosixPath(folder) / f"{prefix}{number}{suffix}") if folder != "." else \
             f"{prefix}{number}{suffix}"
         sequences.append(Sequence(key, tuple(m[2] for m in members), tuple(m[0] for m in members)))

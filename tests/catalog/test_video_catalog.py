@@ -1,0 +1,199 @@
+"""Videos and frame sequences through the catalog job: faithful outputs in a mixed catalog, bad inputs failing
+alone, one noise field per clip across segments, settings that redo only what they affect."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import av
+import numpy as np
+import pytest
+from catalog_support import REPO, image_bytes, job_config, manifests, write_catalog
+from PIL import Image
+
+from pipeline.config import validate_config
+from pipeline.media import video
+from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
+
+sys.path.insert(0, str(REPO / "tests"))
+import video_clips  # noqa: E402
+
+SCALE = 2
+
+
+def video_config(tmp_path: pathlib.Path, **sections) -> dict:
+    return job_config(str(tmp_path / "in"), str(tmp_path / "out"),
+                      video={"segment_seconds": 0.2, **sections.pop("video", {})}, upscale={"scale": SCALE},
+                      **sections)
+
+
+def packets(path: pathlib.Path, kind: str) -> list[tuple[float | None, bytes]]:
+    """(pts in seconds, payload) of every packet of the streams of one kind."""
+    with av.open(str(path)) as container:
+        streams = [s for s in container.streams if s.type == kind]
+        if not streams:  # demux([]) would demux every stream
+            return []
+        return [(float(p.pts * p.time_base) if p.pts is not None else None, bytes(p))
+                for p in container.demux(streams) if p.size]
+
+
+def frame_times(path: pathlib.Path) -> list[float]:
+    with av.open(str(path)) as container:
+        return sorted(round(float(f.pts * f.time_base), 6) for f in container.decode(video=0))
+
+
+def decoded(path: pathlib.Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24").astype(np.float32) / 255 for f in container.decode(video=0)]
+
+
+def video_stream_facts(path: pathlib.Path) -> dict:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        context = stream.codec_context
+        first = next(container.decode(stream))
+        matrix = next((d for d in first.side_data if "DISPLAY" in str(d.type).upper()), None)
+        # yuvj* is FFmpeg's deprecated spelling of a full-range tag: the range is compared on its own.
+        return {"size": (stream.width, stream.height), "pix_fmt": context.pix_fmt.replace("yuvj", "yuv"),
+                "range": context.color_range, "primaries": context.color_primaries, "trc": context.color_trc,
+                "matrix": context.colorspace, "rotation": video.index_video(str(path), path.name).rotation}
+
+
+def test_mixed_catalog_keeps_what_each_source_had(ray_local, tmp_path):
+    clips = tmp_path / "in" / "clips"
+    clips.mkdir(parents=True)
+    sources = {
+        "clips/audio.mp4": video_clips.audio_clip(clips),
+        "clips/subtitles.mkv": video_clips.subtitle_clip(clips),
+        "clips/vfr.mp4": video_clips.vfr_clip(clips),
+        "clips/ten_bit.mkv": video_clips.ten_bit_clip(clips),
+        "clips/rotated.mp4": video_clips.rotated_clip(clips),
+        "clips/full_range.mp4": video_clips.full_range_clip(clips),
+        "clips/tagged.mp4": video_clips.tagged_clip(clips, "bt709", name="tagged.mp4"),
+    }
+    reel = {f"reel/frame_{i:05d}.png": image_bytes(12, 8, seed=i) for i in range(1, 8)}
+    sixteen = {}
+    for i in range(1, 4):
+        buffer = __import__("io").BytesIO()
+        Image.fromarray((np.random.default_rng(i).random((6, 10)) * 65535).astype(np.uint16)).save(buffer, "PNG")
+        sixteen[f"scans/s{i}.png"] = buffer.getvalue()
+    write_catalog(tmp_path / "in", {"photo.png": image_bytes(9, 7), **reel, **sixteen})
+    config = video_config(tmp_path, video={"sequence_folders": ["reel", "scans"]})
+    assert run_job(validate_config(config)) == EXIT_OK
+
+    rows = manifests(tmp_path / "out")
+    final = rows[rows.unit != "segment"]
+    assert sorted(final.source_key) == sorted([*sources, "photo.png", "reel/frame_%05d.png", "scans/s%d.png"])
+    assert set(final.status) == {"ok"} and final.source_key.is_unique  # one ok row per input
+    segments = rows[rows.unit == "segment"]
+    assert set(segments.status) == {"staged"} and segments.unit_key.is_unique
+    assert (segments.groupby("source_key").seed.nunique() == 1).all()  # one seed per clip, every segment
+    out = tmp_path / "out"
+    assert not (out / "_staging").exists()  # staged segments are removed once their clip is committed
+
+    for key, source in sources.items():
+        output = out / key
+        assert frame_times(output) == frame_times(source), key  # same frames at the same times (VFR too)
+        for kind in ("audio", "subtitle"):
+            assert packets(output, kind) == packets(source, kind), f"{key}: {kind} not copied packet for packet"
+        facts, source_facts = video_stream_facts(output), video_stream_facts(source)
+        assert facts["size"] == tuple(side * SCALE for side in source_facts["size"]), key
+        assert (facts["pix_fmt"], facts["rotation"]) == (source_facts["pix_fmt"], source_facts["rotation"]), key
+        tags = ("range", "primaries", "trc", "matrix")
+        if source_facts["matrix"] == 2:  # untagged: the output states the matrix it was decoded with (SD: BT.601)
+            assert (facts["matrix"], facts["range"]) == (6, source_facts["range"] or 1), key
+        else:
+            assert {k: facts[k] for k in tags} == {k: source_facts[k] for k in tags}, key
+        row = final[final.source_key == key].iloc[0]
+        assert (row.frames_in, row.frames_out) == (len(frame_times(source)),) * 2
+        assert row.duration_out == pytest.approx(row.duration_in, abs=1e-3)
+    assert video_stream_facts(out / "clips/ten_bit.mkv")["pix_fmt"] == "yuv420p10le"
+    assert video_stream_facts(out / "clips/full_range.mp4")["range"] == 2
+    assert video_stream_facts(out / "clips/rotated.mp4")["rotation"] == 90
+    audio_row = final[final.source_key == "clips/subtitles.mkv"].iloc[0]
+    assert "subtitle:ass" in audio_row.streams_copied and "audio:aac" in audio_row.streams_copied
+
+    for key in reel:  # a sequence comes back as a sequence: same names, format, size x2
+        assert Image.open(out / key).size == (24, 16)
+    for key in sixteen:
+        assert Image.open(out / key).mode in ("I;16", "I")  # 16-bit stays 16-bit
+        assert Image.open(out / key).size == (20, 12)
+
+
+def test_bad_videos_and_sequences_fail_alone(ray_local, tmp_path):
+    clips = tmp_path / "in"
+    clips.mkdir()
+    video_clips.moving_clip(clips, "good.mp4")
+    video_clips.truncated_clip(clips, "truncated.mp4")
+    video_clips.audio_only_file(clips, "audio_only.mp4")
+    video_clips.zero_frame_clip(clips, "zero.mkv")
+    corrupt, _ = video_clips.corrupt_packet_clip(clips, "corrupt.mkv")
+    video_clips.unsupported_codec_clip(clips, "avs2.mkv")
+    video_clips.write_clip(clips / "long.mp4", frames=75)  # 3 s, above the limit below
+    video_clips.write_clip(clips / "huge.mp4", size=(160, 96))  # above the output pixel limit below
+    write_catalog(clips, {**{f"gap/f_{i:03d}.png": image_bytes(8, 8, seed=i) for i in (1, 2, 4)},
+                          **{f"mixed/f_{i:03d}.png": image_bytes(8 + (i == 3), 8, seed=i) for i in (1, 2, 3)}})
+    config = video_config(tmp_path, video={"sequence_folders": ["gap", "mixed"]},
+                          limits={"max_video_seconds": 2.0, "max_output_pixels": 64 * 36 * SCALE * SCALE})
+    assert run_job(validate_config(config)) == EXIT_INPUTS_FAILED
+    rows = manifests(tmp_path / "out")
+    final = rows[rows.unit != "segment"].set_index("source_key")
+    assert final.loc["good.mp4"].status == "ok"
+    expected = {"truncated.mp4": "truncated", "audio_only.mp4": "no_video_stream", "zero.mkv": "zero_frames",
+                "corrupt.mkv": "corrupt", "avs2.mkv": "unsupported_codec", "long.mp4": "too_long",
+                "huge.mp4": "output_too_large", "gap/f_%03d.png": "sequence_gap",
+                "mixed/f_%03d.png": "sequence_mixed_sizes"}
+    failed = final[final.status == "failed"]
+    assert dict(zip(failed.index, failed.error_type)) == expected
+    assert all(failed.error_message.str.len() > 10)
+    assert "frames" in final.loc["corrupt.mkv"].error_message  # names where the damage is
+
+
+def test_one_noise_field_per_clip_hides_segment_boundaries(ray_local, tmp_path):
+    """Bundled DiT4SR on a moving clip, lossless FFV1 output: consistent noise makes frame pairs that straddle a
+    segment boundary differ no more than pairs inside a segment, and flickers less than a seed per frame."""
+    (tmp_path / "in").mkdir()
+    video_clips.write_clip(tmp_path / "in" / "pan.mkv", frames=12, size=(24, 16))
+    results = {}
+    for noise in ("consistent", "independent"):
+        config = video_config(tmp_path, model={"path": "bundled"}, output={"uri": str(tmp_path / noise)},
+                              video={"noise": noise, "codec": "ffv1", "segment_seconds": 0.16},  # 4 frames
+                              compute={"torch_threads": 2})
+        assert run_job(validate_config(config)) == EXIT_OK
+        rows = manifests(tmp_path / noise)
+        assert (rows.unit == "segment").sum() == 3
+        frames = decoded(tmp_path / noise / "pan.mkv")
+        pairs = np.array([np.abs(b - a).mean() for a, b in zip(frames, frames[1:])])
+        results[noise] = (pairs, rows[rows.unit == "video"].iloc[0].flicker)
+    pairs, flicker = results["consistent"]
+    boundaries = [3, 7]  # pairs (3, 4) and (7, 8) straddle the segments [0, 4), [4, 8), [8, 12)
+    inside = np.delete(pairs, boundaries)
+    assert pairs[boundaries].max() <= inside.max()
+    independent_pairs, independent_flicker = results["independent"]
+    assert flicker < independent_flicker and pairs.mean() < independent_pairs.mean()
+
+
+def test_video_settings_redo_videos_only_and_segment_length_is_a_video_setting(ray_local, tmp_path):
+    (tmp_path / "in").mkdir()
+    video_clips.moving_clip(tmp_path / "in", "clip.mp4")
+    write_catalog(tmp_path / "in", {"photo.png": image_bytes(9, 7)})
+    assert run_job(validate_config(video_config(tmp_path))) == EXIT_OK
+    first = (tmp_path / "out" / "clip.mp4").read_bytes()
+
+    def latest_run(config: dict) -> dict[str, str]:
+        assert run_job(validate_config(config)) == EXIT_OK
+        rows = manifests(tmp_path / "out")
+        rows = rows[(rows.run_id == rows.run_id.max()) & (rows.unit != "segment")]
+        return dict(zip(rows.source_key, rows.status))
+
+    assert latest_run(video_config(tmp_path)) == {"clip.mp4": "skipped", "photo.png": "skipped"}
+    assert latest_run(video_config(tmp_path, compute={"batch_size": 1, "actors": {"min": 1, "max": 1}},
+                                   video={"frames_per_call": 2})) == \
+        {"clip.mp4": "skipped", "photo.png": "skipped"}  # operational settings change nothing
+    assert latest_run(video_config(tmp_path, video={"crf": 30})) == {"clip.mp4": "ok", "photo.png": "skipped"}
+    assert (tmp_path / "out" / "clip.mp4").read_bytes() != first
+    assert latest_run(video_config(tmp_path, video={"crf": 30, "segment_seconds": 0.5})) == \
+        {"clip.mp4": "ok", "photo.png": "skipped"}
+    assert latest_run(video_config(tmp_path)) == {"clip.mp4": "ok", "photo.png": "skipped"}
+    assert (tmp_path / "out" / "clip.mp4").read_bytes() == first  # same settings, same bytes
