@@ -3,10 +3,11 @@
 Every Ray node's metrics agent serves them on its metrics export port (``ray start --metrics-export-port``;
 KubeRay and the cluster launcher wire it to Prometheus), named with Ray's ``ray_`` prefix:
 
-* ``ray_dit4sr_inputs_total{status, error_type}`` — inputs finished (ok / failed), counted by the driver;
-* ``ray_dit4sr_input_seconds`` — histogram of seconds per input, from read to committed output;
-* ``ray_dit4sr_tile_steps_total`` and ``ray_dit4sr_tile_steps_per_second`` — sampler work done (tiles x steps of
-  each finished input, as the dry run estimates it) and its rate over the run so far;
+* ``ray_dit4sr_inputs_total{status, error_type}`` — units of work finished (images; video segments, whose
+  status is ``staged``) by status, counted by the driver;
+* ``ray_dit4sr_input_seconds`` — histogram of seconds per unit, from read to committed (or staged) output;
+* ``ray_dit4sr_tile_steps_total`` and ``ray_dit4sr_tile_steps_per_second`` — sampler work done (tiles x frames x
+  steps of each finished unit, as the dry run estimates it) and its rate over the run so far;
 * ``ray_dit4sr_gpu_memory_peak_bytes`` — per upscaling actor, the peak of CUDA memory allocated (GPU actors only).
 """
 
@@ -44,10 +45,13 @@ def _instruments() -> dict[str, Any]:
 
 
 def tile_steps(cfg: JobConfig, settings: dict[str, Any], row: dict[str, Any]) -> int:
-    """Sampler work of one finished image: tiles x steps (0 when its size is unknown, e.g. it failed to decode)."""
-    if row["status"] != "ok" or not row.get("width") or not row.get("height"):
+    """Sampler work of one finished unit: tiles per frame x frames (a segment's range, else one) x steps; 0 when
+    it failed or its size is unknown."""
+    if row["status"] not in ("ok", "staged") or not row.get("width") or not row.get("height"):
         return 0
-    return tiles_per_frame(cfg, settings, row["width"], row["height"]) * (settings.get("num_inference_steps") or 1)
+    frames = row["frame_stop"] - row["frame_start"] if row.get("frame_stop") is not None else 1
+    steps = settings.get("num_inference_steps") or 1
+    return tiles_per_frame(cfg, settings, row["width"], row["height"]) * frames * steps
 
 
 class RunMetrics:

@@ -38,6 +38,7 @@ CROP = 224  # output pixels shown 1:1 in a slider (each side)
 CONTEXT = 112  # longest side of the whole-output thumbnail beside each slider
 EXAMPLES = 3  # failure examples per error type
 BUCKETS = 40  # bars in the throughput plot, at most
+CLIP_UNITS = ("video", "sequence")  # rows of whole clips, finished from their segments' rows
 
 
 def report_key(run_id: str) -> str:
@@ -60,8 +61,9 @@ def write_report(cfg: JobConfig, summary: dict[str, Any], rows: list[dict[str, A
 
 def sample_pairs(rows: list[dict[str, Any]], count: int = PAIRS) -> list[dict[str, Any]]:
     """Up to ``count`` ok rows with image outputs, spread evenly over the sorted source keys (deterministic)."""
-    images = sorted((row for row in rows if row["status"] == "ok" and row.get("output_key")
-                     and media.kind_of(row["output_key"]) == media.IMAGE), key=lambda row: row["source_key"])
+    images = sorted((row for row in rows if row["status"] == "ok" and row.get("unit") in (None, "image")
+                     and row.get("output_key") and media.kind_of(row["output_key"]) == media.IMAGE),
+                    key=lambda row: row["source_key"])
     if len(images) <= count:
         return images
     return [images[round(i * (len(images) - 1) / (count - 1))] for i in range(count)]
@@ -105,14 +107,21 @@ def _pair(source: Location, output: Location, row: dict[str, Any], cfg: JobConfi
     }
 
 
+def _processed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Units of work this run processed (not skipped); a clip counts through its segments, not its own row."""
+    return [row for row in rows if row["status"] != "skipped" and row.get("finished_at")
+            and row.get("unit") not in CLIP_UNITS]
+
+
 def _throughput_svg(rows: list[dict[str, Any]]) -> str:
-    """Bars of inputs finished per minute over the run (ok and failed stacked), as inline SVG."""
-    done = [row for row in rows if row["status"] in ("ok", "failed") and row.get("finished_at")]
+    """Bars of units finished per minute over the run (failed stacked on the rest), as inline SVG."""
+    done = _processed(rows)
     if not done:
         return "<p class=muted>Nothing was processed in this run.</p>"
     starts = [row["started_at"] for row in done if row.get("started_at")]
     t0 = min(starts + [row["finished_at"] for row in done])
-    offsets = [((row["finished_at"] - t0).total_seconds(), row["status"]) for row in done]
+    offsets = [((row["finished_at"] - t0).total_seconds(), "failed" if row["status"] == "failed" else "ok")
+               for row in done]
     span = max(1.0, max(offset for offset, _ in offsets))
     count = max(1, min(BUCKETS, len(done)))
     width = span / count
@@ -180,16 +189,16 @@ def _pairs_html(pairs: list[dict[str, Any]]) -> str:
                    if row.get("width") and row.get("out_width") else "",
                    f"{row['seconds']:.1f} s" if row.get("seconds") is not None else ""]
         out.append(
-            f'<figure class=pair style="--pos:50%">'
+            f'<figure class=pair><div class=compare style="--pos:50%">'
             f'<div class=frame style="width:{pair["width"]}px;height:{pair["height"]}px">'
             f'<img class=after src="{pair["after"]}" width={pair["width"]} height={pair["height"]} alt="after">'
             f'<img class=before src="{pair["before"]}" width={pair["width"]} height={pair["height"]} alt="before">'
             '<span class="tag l">before</span><span class="tag r">after</span></div>'
             '<input type=range min=0 max=100 value=50 aria-label="before / after" '
-            'oninput="this.parentNode.style.setProperty(\'--pos\', this.value + \'%\')">'
-            f'<figcaption><span class=context><img src="{pair["context"]}" alt="whole output">'
+            'oninput="this.parentNode.style.setProperty(\'--pos\', this.value + \'%\')"></div>'
+            f'<span class=context><img src="{pair["context"]}" alt="whole output">'
             f'<i style="left:{left:.1f}%;top:{top:.1f}%;width:{width:.1f}%;height:{height:.1f}%"></i></span>'
-            f'<code>{html.escape(row["output_key"])}</code><br>{" · ".join(filter(None, details))}'
+            f'<figcaption><code>{html.escape(row["output_key"])}</code><br>{" · ".join(filter(None, details))}'
             '</figcaption></figure>')
     return "".join(out)
 
@@ -204,7 +213,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 svg text{font-size:11px;fill:#4a525c}svg .grid{stroke:#e4e8ec}svg .ok{fill:#3d9a5b}svg .failed{fill:#d0453b}
 table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #e4e8ec;padding:6px 8px;text-align:left;
 vertical-align:top}td.num{text-align:right}ul{margin:0;padding-left:18px}
-.pair{display:inline-block;margin:0 18px 18px 0;vertical-align:top}
+.pair{display:inline-grid;grid-template-columns:auto auto;gap:2px 10px;margin:0 24px 22px 0;vertical-align:top}
 .frame{position:relative;line-height:0;border:1px solid #c9cfd6}
 .frame img{position:absolute;left:0;top:0;image-rendering:pixelated}
 .frame img.before{clip-path:inset(0 calc(100% - var(--pos)) 0 0)}
@@ -212,9 +221,9 @@ vertical-align:top}td.num{text-align:right}ul{margin:0;padding-left:18px}
 box-shadow:0 0 2px #000}
 .tag{position:absolute;top:4px;font-size:11px;line-height:1.4;background:#0009;color:#fff;padding:0 5px;
 border-radius:3px}.tag.l{left:4px}.tag.r{right:4px}
-.pair input{display:block;width:100%;margin:6px 0}
-figcaption{font-size:12px;max-width:340px}
-.context{position:relative;display:inline-block;float:right;margin-left:8px;line-height:0}
+.compare input{display:block;width:100%;margin:6px 0 0}
+figcaption{grid-column:1/3;font-size:12px}
+.context{position:relative;align-self:start;line-height:0}
 .context i{position:absolute;border:1px solid #ff0;outline:1px solid #0008}
 details pre{font-size:12px;background:#f5f7f9;padding:8px;overflow:auto}
 """
@@ -222,7 +231,7 @@ details pre{font-size:12px;background:#f5f7f9;padding:8px;overflow:auto}
 
 def render(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
            cfg: JobConfig) -> str:
-    seconds = [row["seconds"] for row in rows if row["status"] in ("ok", "failed") and row.get("seconds") is not None]
+    seconds = [row["seconds"] for row in _processed(rows) if row.get("seconds") is not None]
     timing = (f"median {statistics.median(seconds):.2f} s, slowest {max(seconds):.2f} s per input"
               if seconds else "")
     cards = "".join(
