@@ -31,8 +31,9 @@ class InputConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     include: list[str] = Field(default_factory=lambda: ["**"])
     exclude: list[str] = Field(default_factory=list)
-    # Lay out a small example catalog (skimage photos) when the input folder is empty or absent.
-    example_catalog: bool = False
+    # Lay out a small example catalog when the input folder is empty or absent: true or "photos" (skimage
+    # photos), "videos" (a short film with sound and a frame sequence, made from skimage photos).
+    example_catalog: bool | Literal["photos", "videos"] = False
 
 
 class OutputConfig(_Section):

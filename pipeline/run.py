@@ -20,7 +20,7 @@ import ray
 from . import manifest, preflight, report
 from .config import JobConfig
 from .engine import engine_kind, model_root, resolve_settings, texts_to_encode
-from .example_catalog import lay_out_example_catalog
+from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .lease import RunLease, RunLocked
 from .metrics import MeteredUpscaler, RunMetrics
 from .clips import finish_sequence, finish_video, remove_staged
@@ -135,8 +135,10 @@ def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
     """Resolve settings and plan the run (laying out the example catalog first where configured)."""
     source, _ = locations(cfg)
     if cfg.input.example_catalog and not dry_run and not source.list():
-        written = lay_out_example_catalog(source)
-        log.info("input %s was empty: laid out an example catalog of %d photos", cfg.input.uri, len(written))
+        videos = cfg.input.example_catalog == "videos"
+        written = (lay_out_example_videos if videos else lay_out_example_catalog)(source)
+        log.info("input %s was empty: laid out an example catalog of %d %s", cfg.input.uri, len(written),
+                 "files (a film and a frame sequence)" if videos else "photos")
     plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), manifest.new_run_id()))
     log.info("run %s (config %s): %d units to process (%d clips), %d already done, %d rejected", plan.run_id,
              plan.fingerprint, len(plan.todo), len(plan.clips), len(plan.skipped), len(plan.rejected))
