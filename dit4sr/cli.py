@@ -1,9 +1,11 @@
-"""``dit4sr-upscale INPUT... -o OUTDIR``: super-resolve images on one machine, without Ray.
+"""``dit4sr-upscale INPUT... -o OUTDIR``: super-resolve images and videos on one machine, without Ray.
 
-Inputs are image files, directories (searched recursively) or fsspec URLs of either
-(``s3://bucket/photos/``). Each output is ``OUTDIR/<name>.png`` (for a directory input, its path
-relative to that directory), written to a temporary name and renamed when complete, so a crash never
-leaves a partial file under the final name. An input that cannot be read, is not an image, is
+Inputs are image or video files, directories (searched recursively) or fsspec URLs of either
+(``s3://bucket/photos/``). Each image's output is ``OUTDIR/<name>.png`` (for a directory input, its path
+relative to that directory); a video keeps its container (``.mp4`` stays ``.mp4``), frame timestamps, colour
+tags and audio/subtitle streams, and all its frames share one noise field from ``--seed`` (no flicker from
+noise) — through the same codec layer as the catalog job (``pipeline.media.video``). Outputs are written to a
+temporary name and renamed when complete, so a crash never leaves a partial file under the final name. An input that cannot be read, is not an image, is
 truncated or exceeds ``--max-pixels`` fails alone with a one-line reason on stderr; the others are
 still processed and the exit code is 1 when anything failed (2 for bad arguments or an unloadable model).
 """
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import os
+import tempfile
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .image_processing import IMAGE_SUFFIXES
-from .storage import write_atomic
+from .storage import temp_name, write_atomic
 
 # Inputs above this many pixels are refused before decoding (decompression bombs; x4 output is 16x larger).
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -34,11 +39,27 @@ class Job:
     source: str  # as the user can recognise it (URL or path)
     fs: fsspec.AbstractFileSystem
     path: str
-    output: str  # relative output path, '/'-separated, with the .png suffix
+    output: str  # relative output path, '/'-separated: .png for images, the source's name for videos
+
+
+def _video_suffixes() -> frozenset[str]:
+    from pipeline.media import VIDEO_EXTENSIONS
+
+    return VIDEO_EXTENSIONS
+
+
+def is_video(path: str) -> bool:
+    return PurePosixPath(path).suffix.lower() in _video_suffixes()
+
+
+def _output_name(relative: str) -> str:
+    """Images become PNGs; a video's container is chosen once it is indexed (its name is kept until then)."""
+    return relative if is_video(relative) else PurePosixPath(relative).with_suffix(".png").as_posix()
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
-    """Jobs for every image named by the inputs, and ``(input, reason)`` for inputs that name nothing."""
+    """Jobs for every image and video named by the inputs, and ``(input, reason)`` for inputs that name nothing."""
+    suffixes = set(IMAGE_SUFFIXES) | _video_suffixes()
     jobs, errors = [], []
     for item in inputs:
         try:
@@ -46,15 +67,14 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
             protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
             prefix = "" if protocol in ("file", "local") else f"{protocol}://"
             if fs.isdir(path):
-                found = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in IMAGE_SUFFIXES)
+                found = sorted(p for p in fs.find(path) if PurePosixPath(p).suffix.lower() in suffixes)
                 if not found:
-                    errors.append((item, "directory contains no image files"))
+                    errors.append((item, "directory contains no image or video files"))
                 base = path.rstrip("/")
                 for p in found:
-                    relative = PurePosixPath(p[len(base):].lstrip("/")).with_suffix(".png")
-                    jobs.append(Job(prefix + p, fs, p, relative.as_posix()))
+                    jobs.append(Job(prefix + p, fs, p, _output_name(p[len(base):].lstrip("/"))))
             elif fs.isfile(path):
-                jobs.append(Job(item, fs, path, PurePosixPath(path).with_suffix(".png").name))
+                jobs.append(Job(item, fs, path, _output_name(PurePosixPath(path).name)))
             else:
                 errors.append((item, "no such file or directory"))
         except Exception as error:  # noqa: BLE001 - any listing failure is this input's failure alone
@@ -91,10 +111,49 @@ def save_png(image: Image.Image, target: Path) -> None:
     write_atomic(fsspec.filesystem("file"), str(target), buffer.getvalue())
 
 
+def upscale_video(job: Job, pipe, scale: int, seed: int, settings: dict, output_dir: Path,
+                  segment_frames: int = 48, frames_per_call: int = 4) -> Path:
+    """Upscale one video segment by segment (never a whole film in memory), every frame from one noise field,
+    then remux the segments with the source's audio and subtitles into the output."""
+    from pipeline.media import video
+
+    def opened():
+        return job.fs.open(job.path, "rb", block_size=1 << 20)
+
+    with opened() as handle:
+        index = video.index_video(handle, job.source)
+    extension = video.output_container(job.path, index, "h264")
+    target = output_dir / PurePosixPath(job.output).with_suffix(extension)
+    encoding = video.VideoEncoding()
+    with tempfile.TemporaryDirectory(prefix="dit4sr-video-") as folder:
+        staged = []
+        for number, segment in enumerate(video.plan_segments(index, segment_frames)):
+            with opened() as handle:
+                packets = video.extract_segment(handle, segment, job.source)
+            encoder = video.SegmentEncoder(index, encoding, index.width * scale, index.height * scale)
+            timestamps = iter(index.pts[segment.start:segment.stop])
+            frames = video.decode_segment(packets, segment, job.source)
+            while chunk := list(itertools.islice(frames, frames_per_call)):
+                for image in pipe(chunk, upscale=scale, seed=seed, output_type="np", show_progress=False,
+                                  **settings).images:
+                    encoder.add(image, next(timestamps))
+            staged.append(os.path.join(folder, f"{number:06d}.nut"))
+            Path(staged[-1]).write_bytes(encoder.finish())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.parent / temp_name(target.name)
+        try:
+            with opened() as handle:
+                video.assemble(handle, staged, str(temporary), index, job.source, container=extension)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
+    return target
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dit4sr-upscale", description=__doc__.split("\n\n")[0])
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories or fsspec URLs")
-    parser.add_argument("-o", "--output-dir", required=True, help="local folder for the PNG outputs")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, directories or fsspec URLs")
+    parser.add_argument("-o", "--output-dir", required=True, help="local folder for the outputs (PNG for images)")
     parser.add_argument("--model", default="bundled", help="'bundled' (default), a model folder or an fsspec URL")
     parser.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's recommended)")
@@ -151,10 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     written = 0
     for job in tqdm(unique, desc="upscale", unit="image", disable=args.quiet):
         try:
-            image = read_image(job, args.max_pixels)
-            result = pipe(image, upscale=args.scale, seed=args.seed, output_type="pil", show_progress=False,
-                          **settings).images[0]
-            save_png(result, output_dir / job.output)
+            if is_video(job.path):
+                upscale_video(job, pipe, args.scale, args.seed, settings, output_dir)
+            else:
+                image = read_image(job, args.max_pixels)
+                result = pipe(image, upscale=args.scale, seed=args.seed, output_type="pil", show_progress=False,
+                              **settings).images[0]
+                save_png(result, output_dir / job.output)
             written += 1
         except Exception as error:  # noqa: BLE001 - a bad input fails alone
             reason = _reason(error)
