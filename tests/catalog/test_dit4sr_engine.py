@@ -64,6 +64,31 @@ def test_dry_run_estimates_tiles_times_steps(tiny_model_root, tmp_path, capsys):
     assert "estimated cost 5 tiles x 2 steps = 10 tile-steps" in printed
 
 
+def test_dry_run_tile_counts_are_what_the_sampler_runs(tiny_model_root, tmp_path, capsys):
+    """Tiny and extreme shapes: the dry run asks dit4sr's own geometry, so it neither crashes (a 1x1 PNG) nor
+    under-counts (400x4), and a clip's estimate is its frames times one frame's tiles."""
+    import sys
+
+    import dit4sr
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import video_clips
+
+    write_catalog(tmp_path / "in", {"dot.png": image_bytes(1, 1), "strip.png": image_bytes(400, 4),
+                                    "tall.png": image_bytes(3, 90)})
+    video_clips.write_clip(tmp_path / "in" / "clip.mp4", frames=10, size=(24, 16))
+    assert run_job(validate_config(_config(tmp_path, tiny_model_root, video={"segment_seconds": 0.2})),
+                   dry_run=True) == EXIT_OK
+    printed = capsys.readouterr().out
+    pipe = dit4sr.DiT4SRPipeline.from_pretrained(str(tiny_model_root), device="cpu")
+    for key, (width, height) in {"dot.png": (1, 1), "strip.png": (400, 4), "tall.png": (3, 90)}.items():
+        tiles = pipe.geometry(height, width, 2).tiles  # job_config upscales x2
+        assert f"process {key} -> {key}  {width}x{height}  tiles={tiles}" in printed
+    clip_tiles = 10 * pipe.geometry(16, 24, 2).tiles
+    assert f"process clip.mp4 -> clip.mp4  video 24x16  frames=10 segments=2 (2 to do)  tiles={clip_tiles}" \
+        in printed
+
+
 @pytest.mark.slow
 def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_root, tmp_path):
     files = small_catalog(4)
