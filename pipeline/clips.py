@@ -67,7 +67,7 @@ def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: vid
         sha256 = _sha256_file(temp)
         written = output.commit_file(row["output_key"], temp)
     except Exception as exc:  # noqa: BLE001 - this clip fails alone; its staged segments stay for a re-run
-        error_type = getattr(exc, "error_type", "assemble_failed")
+        error_type = getattr(exc, "error_type", "assembly_failed")
         row.update(status="failed", error_type=error_type, error_message=f"{type(exc).__name__}: {exc}"[:2000])
     else:
         row.update(status="ok", output_sha256=sha256, output_size=written.size,

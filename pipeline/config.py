@@ -12,7 +12,7 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .media import OUTPUT_FORMATS
 
@@ -94,6 +94,13 @@ class VideoConfig(_Section):
     # the same name with only the number changed (reel_01/frame_000001.tif, ...).
     sequence_folders: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _encodable(self) -> "VideoConfig":
+        from .media.video import VideoEncoding
+
+        VideoEncoding(codec=self.codec, crf=self.crf, preset=self.preset, pix_fmt=self.pix_fmt)  # names the problem
+        return self
+
 
 class ActorsConfig(_Section):
     min: int = Field(1, ge=1)
@@ -112,6 +119,14 @@ class ComputeConfig(_Section):
     cpus_per_actor: float = Field(1, ge=0)
     batch_size: int = Field(4, ge=1)
     torch_threads: int | None = Field(None, ge=1)
+    # torch.compile of the DiT4SR transformer's blocks, once per actor (dit4sr.compile). auto: on when actors get
+    # GPUs and run on CUDA, off on the CPU. Compiled outputs differ from eager by rounding: part of the fingerprint.
+    compile: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value  # YAML on/off
 
 
 class LockConfig(_Section):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import JobConfig, fingerprint
+from .media.video import VideoEncoding
 
 
 def _frozen(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -40,8 +41,10 @@ class RunSpec:
         video = cfg.video
         return cls(
             run_id=run_id, _settings=_frozen(settings),
+            # The encoder's pinned thread count shapes x264/x265 bitstreams: a change of it must redo videos.
             _video=_frozen({"segment_seconds": video.segment_seconds, "noise": video.noise, "codec": video.codec,
-                            "crf": video.crf, "preset": video.preset, "pix_fmt": video.pix_fmt}),
+                            "crf": video.crf, "preset": video.preset, "pix_fmt": video.pix_fmt,
+                            "encoder_threads": VideoEncoding().threads}),
             model_path=cfg.model.path, model_transformer=cfg.model.transformer, model_release=cfg.model.release,
             model_storage_options=_frozen(cfg.model.storage_options), device=cfg.model.device,
             torch_threads=cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)),
@@ -59,6 +62,11 @@ class RunSpec:
     @property
     def storage_options(self) -> dict[str, Any]:
         return dict(self.model_storage_options)
+
+    @property
+    def compile(self) -> bool:
+        """Whether DiT4SR actors compile their transformer (``compute.compile``, resolved at plan time)."""
+        return "compile" in self.settings
 
     @property
     def scale(self) -> int:

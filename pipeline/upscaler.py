@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import pickle
 from typing import Any, Iterator
@@ -29,10 +30,13 @@ from .plan import derive_seed
 from .spec import RunSpec
 from .storage import Location, UnsafeKeyError
 
+# What the engine chose for itself (JSON of ``engine.run_settings``, e.g. its tile batch): it rides back to the
+# driver for the run summary, never into manifests.
+ENGINE_SETTINGS = pa.field("engine_settings", pa.string())
 # Columns of the rows between stages: the manifest's, the unit's task (pickled by the planner), the prompt,
 # and the payload: `data` (one file) or `frames` (a sequence segment's frame files).
 STAGE_SCHEMA = manifest.SCHEMA.append(pa.field("task", pa.binary())).append(pa.field("prompt", pa.string())) \
-    .append(pa.field("data", pa.binary())).append(pa.field("frames", pa.list_(pa.binary())))
+    .append(pa.field("data", pa.binary())).append(pa.field("frames", pa.list_(pa.binary()))).append(ENGINE_SETTINGS)
 
 
 def _rows(batch: pa.Table) -> list[dict[str, Any]]:
@@ -146,7 +150,12 @@ class Upscaler:
         self.encoding = video.VideoEncoding(**{key: spec.video[key] for key in ("codec", "crf", "preset", "pix_fmt")})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _table([self._upscale(row) if row["status"] is None else row for row in _rows(batch)])
+        rows = [self._upscale(row) if row["status"] is None else row for row in _rows(batch)]
+        chosen = getattr(self.engine, "run_settings", None)
+        if chosen:
+            for row in rows:
+                row["engine_settings"] = json.dumps(chosen, sort_keys=True)
+        return _table(rows)
 
     def _upscale(self, row: dict[str, Any]) -> dict[str, Any]:
         row.update(worker=self.worker, node_id=self.node_id)
@@ -249,7 +258,7 @@ class Upscaler:
                     flicker.add(source, output)
             done += len(chunk)
         row.update(data=encoder.finish(), status="staged", width=index.width, height=index.height,
-                   out_width=index.width * scale, out_height=index.height * scale, frames_out=encoder.frames,
+                   out_width=encoder.coded_width, out_height=encoder.coded_height, frames_out=encoder.frames,
                    codec=self.encoding.codec, **(flicker.fields() if flicker else {}))
         return row
 
@@ -324,4 +333,4 @@ def write_outputs(batch: pa.Table, output_location: Location, run_id: str) -> pa
         if row["started_at"] is not None:
             row["seconds"] = (row["finished_at"] - row["started_at"]).total_seconds()
     manifest.write_part(output_location, run_id, rows)
-    return _table(rows, manifest.SCHEMA)
+    return _table(rows, manifest.SCHEMA.append(ENGINE_SETTINGS))

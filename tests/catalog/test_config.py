@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from catalog_support import REPO, job_config
 
@@ -153,3 +155,13 @@ def test_transient_errors_are_retried_and_permanent_ones_are_not():
     with pytest.raises(ConnectionResetError):
         with_retries(operation, attempts=3, base_delay=0.001)
     assert len(calls) == 3
+
+
+def test_video_section_is_validated_like_every_other():
+    base = {"input": {"uri": "in"}, "output": {"uri": "out"}}
+    for video, message in [({"preset": "fastest"}, "preset 'fastest'"), ({"codec": "vp9"}, "video.codec"),
+                           ({"noise": "random"}, "video.noise"), ({"segment_seconds": 0}, "video.segment_seconds"),
+                           ({"crf": 60}, "video.crf"), ({"segmnt_seconds": 2}, "video.segmnt_seconds: unknown key")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate_config({**base, "video": video})
+    assert validate_config({**base, "video": {"codec": "h265", "preset": "slow"}}).video.codec == "h265"
