@@ -104,9 +104,11 @@ def test_x0_residual_parameterisation_lands_on_the_lr_latent():
 def test_output_is_exactly_upscale_times_input(size):
     height, width = size
     pipe = tiny_pipeline()
-    out = pipe(random_image(height, width), upscale=4, tile_batch_size=4, **{**FAST, "process_size": 512}).images[0]
+    image = random_image(height, width)
+    out = pipe(image, upscale=4, tile_batch_size=4, **{**FAST, "process_size": 512}).images[0]
     assert out.shape == (4 * height, 4 * width, 3) and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    # The AdaIN colour fix carries the input's per-channel mean (measured: within 0.011; bound 0.03).
+    np.testing.assert_allclose(out.reshape(-1, 3).mean(0), image.reshape(-1, 3).mean(0) / 255, rtol=0, atol=0.03)
 
 
 def test_non_integer_upscale_and_pil_output():
@@ -135,13 +137,13 @@ def test_same_seed_same_bytes_other_seed_differs():
 
 
 def test_tile_batch_size_changes_at_most_rounding():
-    # Measured: max difference 2.6e-6 (float, CPU). Bound asserted: one 8-bit level (1/255).
+    # Measured: max difference 3.2e-6 (float32, CPU). Bound: about 3x that (one 8-bit level is 1/255 = 3.9e-3).
     pipe = tiny_pipeline()
     image = random_image(37, 53)
     tiles = dict(tile_size=12, tile_overlap=4)  # a 2 x 3 grid on the 18 x 26 latent
     singles = pipe(image, tile_batch_size=1, **tiles, **FAST).images[0]
     batched = pipe(image, tile_batch_size=16, **tiles, **FAST).images[0]
-    assert np.abs(singles - batched).max() <= 1 / 255
+    assert np.abs(singles - batched).max() <= 1e-5
 
 
 def test_guidance_uses_negative_embeddings_in_one_call():
