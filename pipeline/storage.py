@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import mimetypes
 import os
 import random
@@ -20,6 +21,8 @@ from fsspec.utils import glob_translate
 from dit4sr.storage import temp_name, write_atomic
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # S3 error codes / HTTP statuses worth retrying: throttling and server-side trouble, never "not found" or "denied".
 _TRANSIENT_CODES = {
@@ -82,7 +85,11 @@ def with_retries(operation: Callable[[], T], *, attempts: int = 6, base_delay: f
         except Exception as exc:  # noqa: BLE001 - classified below, re-raised when not transient
             if attempt == attempts - 1 or not _is_transient(exc):
                 raise
-            time.sleep(random.uniform(0, min(max_delay, base_delay * 2 ** attempt)))
+            delay = random.uniform(0, min(max_delay, base_delay * 2 ** attempt))
+            # One line per retry: throttling that the store's own client did not absorb shows in the logs.
+            log.warning("storage: transient error (%s: %s); retry %d of %d in %.3f s", type(exc).__name__,
+                        str(exc)[:200], attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import hashlib
-import http.client
-import http.server
 import io
-import threading
+import logging
 import urllib.parse
 
 import boto3
+import pytest
 import pyarrow.dataset as pads
 import s3fs
 from catalog_support import image_bytes, job_config, small_catalog
+from fault_proxy import FaultProxy, first_attempts
 from PIL import Image
 
+from pipeline import manifest
 from pipeline.config import validate_config
 from pipeline.manifest import MANIFEST_DIR
 from pipeline.run import EXIT_OK, execute, prepare, run_job
+from pipeline.storage import Location
+from pipeline.state import read_runs
+from pipeline.storage import Location
 
 
 def upload(fs: s3fs.S3FileSystem, prefix: str, files: dict[str, bytes]) -> None:
@@ -55,8 +59,9 @@ def test_s3_end_to_end(ray_local, bucket, s3_options):
     assert fs.exists(f"{bucket}/out/{MANIFEST_DIR}/run={rows.run_id.iloc[0]}/_summary.json")
 
     assert run_job(validate_config(config)) == EXIT_OK  # the re-run downloads nothing and skips everything
-    again = s3_manifests(fs, bucket)
-    assert (again.status == "skipped").sum() == len(files)
+    assert len(s3_manifests(fs, bucket)) == len(files)  # skipped inputs are counted, not written
+    last = read_runs(Location(f"s3://{bucket}/out", s3_options)).to_pylist()[-1]
+    assert (last["ok"], last["skipped"], last["exit_code"]) == (0, len(files), 0)
 
 
 def test_s3_key_with_dotdot_and_deleted_object_fail_alone(ray_local, bucket, s3_options, s3_server):
@@ -81,66 +86,64 @@ def test_s3_key_with_dotdot_and_deleted_object_fail_alone(ray_local, bucket, s3_
     assert not [key for key in fs.find(bucket) if "escaped" in key and not key.startswith(f"{bucket}/in/")]
 
 
-class _FlakyProxy(http.server.ThreadingHTTPServer):
-    """Forwards S3 requests to moto, answering the first ``failures`` object GETs and PUTs each with
-    503 SlowDown (throttling)."""
-
-    def __init__(self, target: str, failures: int):
-        self.target = urllib.parse.urlsplit(target)
-        self.failures_left = {"GET": failures, "PUT": failures}
-        self.injected = {"GET": 0, "PUT": 0}
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+# botocore makes a single attempt, and s3fs does not retry a 503 ServiceUnavailable on its own: only the
+# project's retry layer (pipeline.storage.with_retries) stands between such a 503 and a failed input.
+ONE_ATTEMPT = {"config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
 
 
-class _ProxyHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+def _retries(records) -> list[tuple[int, float]]:
+    """(retry number, seconds slept) of each retry ``with_retries`` logged."""
+    return [(record.args[2], record.args[4]) for record in records
+            if record.name == "pipeline.storage" and record.msg.startswith("storage: transient error")]
 
-    def log_message(self, *args) -> None:
-        pass
 
-    def _forward(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        server: _FlakyProxy = self.server  # type: ignore[assignment]
-        is_object = "/in/" in self.path or "/out/" in self.path  # reads and writes of objects, not listings
-        with server.lock:
-            fail = is_object and server.failures_left.get(self.command, 0) > 0
-            if fail:
-                server.failures_left[self.command] -= 1
-                server.injected[self.command] += 1
-        if fail:
-            payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-            self.send_response(503)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            return
-        connection = http.client.HTTPConnection(server.target.hostname, server.target.port)
-        connection.request(self.command, self.path, body=body, headers=dict(self.headers))
-        response = connection.getresponse()
-        data = response.read()
-        self.send_response(response.status)
-        for name, value in response.getheaders():
-            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+def test_storage_retries_back_off_exponentially(bucket, s3_options, s3_server, caplog):
+    with FaultProxy(s3_server, first_attempts(3, methods=("GET", "PUT"))) as proxy:
+        location = Location(f"s3://{bucket}/retry", {**s3_options, "endpoint_url": proxy.url, **ONE_ATTEMPT})
+        with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+            location.write_atomic("a.png", b"payload")  # a PUT (then a HEAD, not faulted)
+            assert location.read("a.png") == b"payload"  # a GET
+    assert proxy.injected == {"unavailable": 6}  # the first 3 attempts of each
+    retries = _retries(caplog.records)
+    assert [number for number, _ in retries] == [1, 2, 3] * 2
+    # full jitter: each delay drawn from [0, 0.2 s x 2^(retry-1)]
+    assert all(0 <= delay <= 0.2 * 2 ** (number - 1) for number, delay in retries) and sum(d for _, d in retries) > 0
+    # the retries really waited: each request's next attempt came at least its logged delay later
+    attempts: dict = {}
+    for at, method, path, _ in proxy.log:
+        if method in ("GET", "PUT"):
+            attempts.setdefault((method, path), []).append(at)
+    gaps = [later - earlier for times in attempts.values() for earlier, later in zip(times, times[1:])]
+    assert len(gaps) == 6 and all(gap >= delay for gap, (_, delay) in zip(gaps, retries))
 
 
 def test_s3_throttling_is_retried_with_backoff(ray_local, bucket, s3_options, s3_server):
     fs = s3fs.S3FileSystem(**s3_options)
     files = small_catalog(4)
     upload(fs, f"{bucket}/in", files)
-    proxy = _FlakyProxy(s3_server, failures=3)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        options = {**s3_options, "endpoint_url": f"http://127.0.0.1:{proxy.server_address[1]}"}
+    # every object request (source reads, output and manifest writes, their HEADs) is refused twice, then served;
+    # manifest reads are spared here: see test_manifest_reads_survive_throttling
+    throttle = first_attempts(2)
+    policy = lambda method, path: None if "/_manifests/" in path and method != "PUT" else throttle(method, path)  # noqa: E731
+    with FaultProxy(s3_server, policy) as proxy:
+        options = {**s3_options, "endpoint_url": proxy.url, **ONE_ATTEMPT}
         assert run_job(validate_config(s3_config(bucket, options))) == EXIT_OK
-    finally:
-        proxy.shutdown()
-    assert proxy.injected == {"GET": 3, "PUT": 3}
+    faulted = {(method, path) for _, method, path, fault in proxy.log if fault}
+    served = {(method, path) for _, method, path, fault in proxy.log if fault is None}
+    sources = {f"/{bucket}/in/{urllib.parse.quote(key)}" for key in files}
+    assert {path for method, path in faulted if method == "GET"} >= sources  # every source read was refused
+    assert sum(method == "PUT" and "/out/" in path for method, path in faulted) >= len(files)  # and every write
+    assert faulted <= served  # ... and each refused request was retried until it got through
     rows = s3_manifests(fs, bucket)
     assert sorted(rows.source_key) == sorted(files) and set(rows.status) == {"ok"}
+
+
+@pytest.mark.xfail(strict=True, reason="manifest and state files are read through pyarrow/fsspec without "
+                   "pipeline.storage.with_retries (manifest.read_manifests / compaction, state.read_state): a 503 "
+                   "there fails the run once botocore's own retries are used up")
+def test_manifest_reads_survive_throttling(bucket, s3_options, s3_server):
+    with FaultProxy(s3_server, first_attempts(2, methods=("GET", "HEAD"))) as proxy:
+        output = Location(f"s3://{bucket}/out", {**s3_options, "endpoint_url": proxy.url, **ONE_ATTEMPT})
+        manifest.write_part(output, "run-1", [manifest.empty_row(source_key="a.png", status="ok")])
+        rows = manifest.read_manifests(output).to_pylist()
+    assert proxy.injected["unavailable"] > 0 and [row["source_key"] for row in rows] == ["a.png"]
