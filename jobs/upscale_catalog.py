@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pathlib
+import signal
 import sys
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.dry_run:
             ray.init()
+        # `ray job stop` and Kubernetes send SIGTERM: unwind, releasing the run lock, rather than die on the spot
+        # (set after ray.init, whose own handler would abort the process).
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
         return run_job(cfg, dry_run=args.dry_run)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

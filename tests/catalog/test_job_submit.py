@@ -109,7 +109,7 @@ def test_submit_runs_the_embedded_default_from_an_uploaded_working_dir(ray_head,
     assert {"jobs/upscale_catalog.py", "configs/local.yaml", "pipeline/run.py", "dit4sr/storage.py"} <= names
     assert not {path.parts[0] for path in files} & {".git", ".venv", "tests", "benchmarks", "data", "infra"}
     weights = [path for path in files if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin")]
-    assert all(path.parts[:2] == ("dit4sr", "bundled") for path in weights)
+    assert weights and all(path.parts[:2] == ("dit4sr", "bundled") for path in weights)  # model.path: bundled
     assert sum((package / path).stat().st_size for path in files) < 40 << 20
 
 
