@@ -90,6 +90,9 @@ TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
 # Activation budget per tile batch for the automatic tile_batch_size: tokens x width x this many bytes.
 _BYTES_PER_TOKEN_CHANNEL = 24
 _CPU_ACTIVATION_BUDGET = 2 << 30
+# Share of the GPU memory found free (weights loaded) that tile batches may use; the rest is headroom for the
+# VAE, the allocator's fragmentation and whatever else shares the GPU.
+_FREE_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -193,6 +196,10 @@ class DiT4SRPipeline(DiffusionPipeline):
         self.recommended_settings: dict[str, Any] = {}
         self.null_prompt_embedding: PromptEmbedding | None = None
         self._prompt_encoder = None
+        self._activation_budget: dict[torch.device, int] = {}
+        # The tile batch of the latest call (tiles per transformer call before limiting to the tiles there are;
+        # automatic or requested): pass it as ``tile_batch_size`` to batch alike elsewhere.
+        self.tile_batch_size: int | None = None
 
     # -- model facts --------------------------------------------------------------------------------
     @property
@@ -363,19 +370,34 @@ class DiT4SRPipeline(DiffusionPipeline):
                                 self.transformer.config.patch_size))
 
     def _tile_batch_size(self, requested: int | None, tiles: int, tokens: int, device: torch.device) -> int:
-        """Tiles per transformer call. Auto: as many as fit an activation budget of a quarter of the GPU's
-        total memory (2 GiB on the CPU) — fixed properties, so the choice and the output are reproducible."""
+        """Tiles per transformer call. Auto: as many as fit an activation budget of half the GPU memory found free
+        at this pipeline's first automatic call on that device (2 GiB on the CPU), kept for the pipeline's life so
+        every later call batches alike; the choice is exposed as ``self.tile_batch_size``. Batch size changes
+        rounding only."""
         if requested is not None:
             if int(requested) < 1:
                 raise ValueError(f"tile_batch_size must be >= 1, got {requested}")
-            return min(int(requested), tiles)
+            self.tile_batch_size = int(requested)
+            return min(self.tile_batch_size, tiles)
         width = self.transformer.config.num_attention_heads * self.transformer.config.attention_head_dim
         per_tile = tokens * width * _BYTES_PER_TOKEN_CHANNEL
-        if device.type == "cuda":
-            budget = torch.cuda.get_device_properties(device).total_memory // 4
-        else:
-            budget = _CPU_ACTIVATION_BUDGET
-        return max(1, min(tiles, budget // per_tile))
+        if device not in self._activation_budget:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                self._activation_budget[device] = int(free * _FREE_MEMORY_SHARE)
+            else:
+                self._activation_budget[device] = _CPU_ACTIVATION_BUDGET
+        self.tile_batch_size = max(1, self._activation_budget[device] // per_tile)
+        return min(tiles, self.tile_batch_size)
+
+    # -- compiled inference -------------------------------------------------------------------------
+    def enable_compile(self, **compile_options: Any) -> dict[str, Any]:
+        """``torch.compile`` the transformer's repeated blocks (regional, dynamic batch: one compile serves
+        every tile batch, image and frame); ``compile_options`` go to ``torch.compile`` (e.g. ``mode=
+        "max-autotune-no-cudagraphs"``). Outputs match eager up to rounding. See ``dit4sr.compile``."""
+        from .compile import compile_transformer
+
+        return compile_transformer(self.transformer, **compile_options)
 
     # -- sampling -----------------------------------------------------------------------------------
     def _velocity(self, tiles, lr_tiles, timestep, sigma, cond, uncond, guidance_scale):

@@ -98,6 +98,19 @@ def _read_json(root: Location, key: str) -> dict[str, Any] | None:
         return None
 
 
+# What ``compute.compile`` folds into the fingerprint when on: the compile scheme (dit4sr.compile). Eager runs
+# carry no key, so their fingerprints are those of runs made before compiling existed.
+COMPILE_SCHEME = "regional-dynamic-batch"
+
+
+def compile_enabled(cfg: JobConfig) -> bool:
+    """``compute.compile`` resolved at plan time: auto is on exactly when actors get GPUs and run on CUDA."""
+    if cfg.compute.compile != "auto":
+        return cfg.compute.compile == "on"
+    device = cfg.model.device
+    return cfg.compute.gpus_per_actor > 0 and (device is None or device.startswith("cuda"))
+
+
 def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
     """Resolve the settings exactly as the pipeline will (config > recommended_settings.json > official
     defaults) from the model's small JSON files only, so planning and dry runs never load weights."""
@@ -135,6 +148,7 @@ def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
         "seed": upscale.seed, "prompt": upscale.prompt, **sampler, **_output_settings(cfg),
         "vae_scale_factor": int(vae.get("downscale_factor") or 2 ** (len(vae.get("block_out_channels", [0])) - 1)),
         "patch_size": int(transformer.get("patch_size", 2)),
+        **({"compile": COMPILE_SCHEME} if compile_enabled(cfg) else {}),
     }
     has_text_encoders = all(index.get(name) and index[name][0] for name in TEXT_COMPONENTS)
     wanted = texts_to_encode(settings, [upscale.prompt or ("<per-source prompt>" if upscale.prompts_uri else "")])
@@ -218,6 +232,14 @@ class DiT4SREngine:
         self.pipe = dit4sr.DiT4SRPipeline.from_pretrained(
             spec.model_path, transformer=spec.model_transformer, release=spec.model_release,
             torch_dtype=getattr(torch, self.settings["dtype"]), device=device, storage_options=spec.storage_options)
+        if spec.compile:
+            self.pipe.enable_compile()
+
+    @property
+    def run_settings(self) -> dict[str, Any]:
+        """What this actor chose that changes rounding only (kept out of the fingerprint; the run summary
+        records it so a run can be reproduced)."""
+        return {"tile_batch_size": self.pipe.tile_batch_size}
 
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
         return self.upscale_frames([image], seeds=[seed], prompt=prompt)[0]
@@ -229,6 +251,17 @@ class DiT4SREngine:
         result = self.pipe(frames, upscale=self.settings["scale"], seed=seeds, output_type="np",
                            show_progress=False, **self.sampler, **embeds, **self.negative)
         return [np.asarray(image, dtype=np.float32) for image in result.images]
+
+
+def engine_run_settings(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The actors' own choices (``run_settings``) found on finished rows, per key: the value, or the sorted
+    distinct values where actors chose differently (e.g. GPUs of different memory)."""
+    seen: dict[str, set] = {}
+    for text in {row.get("engine_settings") for row in rows} - {None}:
+        for key, value in json.loads(text).items():
+            seen.setdefault(key, set()).add(value)
+    return {key: next(iter(values)) if len(values) == 1 else sorted(values, key=str)
+            for key, values in seen.items()}
 
 
 def load_engine(spec: RunSpec, *, device: str, prompt_embeds: dict[str, Any] | None = None) -> Engine:

@@ -19,7 +19,7 @@ import ray
 
 from . import manifest, preflight, report
 from .config import JobConfig
-from .engine import engine_kind, model_root, resolve_settings, texts_to_encode
+from .engine import engine_kind, engine_run_settings, model_root, resolve_settings, texts_to_encode
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .lease import RunLease, RunLocked
 from .metrics import MeteredUpscaler, RunMetrics
@@ -222,7 +222,8 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
         manifest.compact_run(output, plan.run_id)
     summary = manifest.summarize(rows, run_id=plan.run_id, seconds=time.monotonic() - started,
                                  fingerprint=plan.fingerprint,
-                                 extra={"settings": plan.settings, "video": plan.spec.video,
+                                 extra={"settings": {**plan.settings, **engine_run_settings(rows)},
+                                        "video": plan.spec.video,
                                         "output_uri": cfg.output.uri})
     summary["report_uri"] = report.write_report(cfg, summary, rows)
     summary["summary_uri"] = manifest.write_summary(output, plan.run_id, summary)

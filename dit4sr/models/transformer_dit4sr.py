@@ -48,6 +48,8 @@ class DiT4SRTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiT4SRJointTransformerBlock"]
+    # diffusers' regional compilation (``compile_repeated_blocks``) compiles these: one graph per block kind.
+    _repeated_blocks = ["DiT4SRJointTransformerBlock"]
 
     @register_to_config
     def __init__(
@@ -106,6 +108,7 @@ class DiT4SRTransformer2DModel(ModelMixin, ConfigMixin):
         self.norm_out = AdaLayerNormContinuous(self.inner_dim, self.inner_dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(self.inner_dim, patch_size * patch_size * self.out_channels, bias=True)
         self.gradient_checkpointing = False
+        self.compiled_blocks = None  # what ``dit4sr.compile.compile_transformer`` did, once it has
 
     # -- forward ---------------------------------------------------------------------------------
     def _check_inputs(self, hidden_states, lr_latents, encoder_hidden_states, pooled_projections, timestep):

@@ -1,0 +1,73 @@
+"""compute.compile resolved at plan time and folded into the fingerprint; the actors' tile batch in the summary."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from catalog_support import small_catalog, write_catalog
+from test_dit4sr_engine import _config, tiny_model_root  # noqa: F401 - the module's tiny model fixture
+
+from pipeline.config import ConfigError, load_config, validate_config
+from pipeline.engine import COMPILE_SCHEME, compile_enabled, resolve_settings
+from pipeline.run import EXIT_OK, run_job
+from pipeline.spec import RunSpec
+
+
+def _settings(tmp_path, root, compute=None, device="cpu"):
+    config = _config(tmp_path, root, compute=compute or {})
+    config["model"]["device"] = device
+    return resolve_settings(validate_config(config))
+
+
+@pytest.mark.parametrize("compute, device, compiled", [
+    ({}, "cpu", False),  # auto on the CPU
+    ({"gpus_per_actor": 1}, None, True),  # auto where actors get GPUs
+    ({"gpus_per_actor": 1}, "cuda", True),
+    ({"gpus_per_actor": 1}, "cpu", False),  # GPUs reserved but the model pinned to the CPU
+    ({"gpus_per_actor": 1, "compile": "off"}, None, False),
+    ({"compile": "on"}, "cpu", True),
+])
+def test_compile_resolves_at_plan_time(tiny_model_root, tmp_path, compute, device, compiled):
+    cfg_dict = _config(tmp_path, tiny_model_root, compute=compute)
+    cfg_dict["model"]["device"] = device
+    cfg = validate_config(cfg_dict)
+    assert compile_enabled(cfg) is compiled
+    settings = resolve_settings(cfg)
+    assert settings.get("compile") == (COMPILE_SCHEME if compiled else None)
+    assert RunSpec.resolve(cfg, settings, "run").compile is compiled
+
+
+def test_compile_is_in_the_fingerprint_and_eager_fingerprints_are_unchanged(tiny_model_root, tmp_path):
+    eager = _settings(tmp_path, tiny_model_root)
+    compiled = _settings(tmp_path, tiny_model_root, {"compile": "on"})
+    assert "compile" not in eager  # runs made before compiling existed keep their fingerprints
+    cfg = validate_config(_config(tmp_path, tiny_model_root))
+
+    def spec(settings):
+        return RunSpec.resolve(cfg, settings, "run")
+
+    assert spec(eager).fingerprint != spec(compiled).fingerprint
+    # batch sizes stay out of it: they change rounding only
+    batched = _settings(tmp_path, tiny_model_root, {"batch_size": 7, "compile": "on"})
+    assert spec(batched).fingerprint == spec(compiled).fingerprint and "tile_batch_size" not in compiled
+
+
+def test_yaml_on_off_and_bad_values(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input: {uri: in}\noutput: {uri: out}\ncompute: {compile: on}\n")
+    assert load_config(path).compute.compile == "on"  # YAML reads `on` as true
+    assert load_config(path, ["compute.compile=off"]).compute.compile == "off"
+    with pytest.raises(ConfigError, match="compute.compile"):
+        load_config(path, ["compute.compile=sometimes"])
+
+
+def test_summary_records_the_actors_tile_batch(ray_local, tiny_model_root, tmp_path):
+    write_catalog(tmp_path / "in", small_catalog(3))
+    assert run_job(validate_config(_config(tmp_path, tiny_model_root, upscale={"scale": 2}))) == EXIT_OK
+    summary = json.loads(next((tmp_path / "out").glob("_manifests/run=*/_summary.json")).read_text())
+    chosen = summary["settings"]["tile_batch_size"]
+    assert isinstance(chosen, int) and chosen >= 1  # the CPU budget's choice, not a manifest column
+    from catalog_support import manifests
+
+    assert "engine_settings" not in manifests(tmp_path / "out").columns
