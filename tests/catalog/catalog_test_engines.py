@@ -70,3 +70,44 @@ def gpu_probe(settings: dict) -> _GpuProbe:
 
 def never_load(settings: dict):
     raise AssertionError("the dry run must not load the model")
+
+
+class _FaultyByWidth(_Wrapped):
+    """Fails the way a model can, chosen by the input's width (the engine sees only pixels): 11 px raises an
+    error, 13 or 22 px a CUDA out-of-memory error (as torch raises it on a GPU), 17 px returns the wrong size."""
+
+    def before(self, image: np.ndarray) -> None:
+        import torch
+
+        width = image.shape[1]
+        if width == 11:
+            raise RuntimeError("simulated engine failure (11 px wide input)")
+        if width in (13, 22):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB "
+                                              "total capacity; 78.02 GiB already allocated)")
+
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        result = super().upscale(image, seed=seed, prompt=prompt)
+        return result[:-1] if image.shape[1] == 17 else result
+
+
+def faulty_by_width(settings: dict) -> _FaultyByWidth:
+    return _FaultyByWidth(settings)
+
+
+class _NodeMarked(_Slow):
+    """Slow, and leaves ``start-<node>-<pid>-<n>`` before each image and ``done-<node>-<pid>-<n>`` after it, so a
+    test can see which node holds work in flight."""
+
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        import ray
+
+        name = f"{ray.get_runtime_context().get_node_id()}-{os.getpid()}-{self.calls}"
+        _marker(f"start-{name}").write_text("")
+        result = super().upscale(image, seed=seed, prompt=prompt)
+        _marker(f"done-{name}").write_text("")
+        return result
+
+
+def node_marked(settings: dict) -> _NodeMarked:
+    return _NodeMarked(settings)
