@@ -11,6 +11,7 @@ from tiny_components import TINY_SETTINGS
 from train_support import images as _images
 from train_support import train_config as _config
 
+from dit4sr.degradation import DegradationConfig
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
 from dit4sr.train import TrainConfig, Trainer, main, read_list, write_pipeline_root
 
@@ -103,6 +104,10 @@ def test_bundled_config_is_valid_and_excludes_the_held_out_list():
     config = TrainConfig.from_yaml(TRAIN_CONFIG)
     assert config.model.transformer["prediction_type"] == "sample" and config.model.transformer["lr_residual"]
     assert len(read_list(config.data.holdout_list)) == 20
+    v2 = TrainConfig.from_yaml(TRAIN_CONFIG.with_name("dit4sr_tiny_v2.yaml"))
+    assert v2.model.trainable == "all" and v2.model.pretrained.endswith("runs/dit4sr-tiny-v1")
+    assert read_list(v2.data.holdout_list) == read_list(config.data.holdout_list)
+    assert DegradationConfig.from_yaml(v2.data.degradation).realistic_prob == 0.3
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "photos").is_dir(), reason="needs ../shared/data/photos")
