@@ -4,25 +4,37 @@ Units of work (``unit``): an ``image``; a ``segment`` of a clip (a frame range: 
 ``staged`` — a segment file under the output's staging prefix, or a sequence's frame files); and the clip
 itself, a ``video`` or a frame ``sequence``, whose row is committed once its assembled output is. Every
 row has a ``unit_key``: the source key for images and clips, ``<source key>#<first frame>-<end frame>`` for
-segments, so a clip's one ``ok`` row is the only ``ok`` row with its ``source_key``.
+segments, so a clip's one ``ok`` row is the only ``ok`` row with its ``source_key``. Inputs a run skips (already
+done) get no row: they are counted in its summary.
 
 Layout under ``<output.uri>/_manifests/``::
 
-    run=<run_id>/part-<hash>.parquet   one file per written batch (plus one for planner rows), atomically written
-    run=<run_id>/_summary.json         counts, throughput and failures by type, written at the end of the run
+    run=<id>/part-<hash>.parquet         the run's rows, one file, committed when the run ends (or, for a run
+                                         that was killed, by the next run): what ``_manifests/*/*.parquet`` reads
+    run=<id>/parts/part-<hash>.parquet   one file per written batch while the run lives (removed once the run's
+                                         file is committed); a part's name comes from the units it holds, so a
+                                         batch Ray redoes replaces its part instead of adding rows
+    run=<id>/_summary.json               counts, throughput, failures by type (and _report.html, pipeline.report)
+    _index/units/latest.parquet          latest ok/staged row per unit of work over all folded runs (pipeline.state)
+    _index/runs/<id>.parquet             one row per run (pipeline.state)
 
-A part's name is derived from the units of work it describes, so a batch that Ray retries after its part was written
-replaces that part instead of duplicating rows.
+Why two levels: a run's rows become visible to ``read_parquet('<output>/_manifests/*/*.parquet')`` in one atomic
+write of one file, so no kill can leave that glob showing a row twice (batch parts and the file that folds them
+never sit at the same depth) or a run partly. Everything else lives deeper than that glob reaches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import json
+import os
+import signal
 import uuid
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -106,67 +118,118 @@ def part_name(rows: list[dict[str, Any]]) -> str:
     return f"part-{digest}.parquet"
 
 
+PARTS_DIR = "parts"
+_KILL_AT = os.environ.get("DIT4SR_TEST_KILL_AT", "")  # test-only, read once: see kill_point
+if _KILL_AT:  # the job's driver imports this before it starts Ray, whose workers inherit the variable
+    os.environ.setdefault("DIT4SR_TEST_KILL_PGID", str(os.getpgid(0)))
+
+
+def kill_point(name: str, done: int = 0) -> None:
+    """Test-only fault hook: ``DIT4SR_TEST_KILL_AT=<name>[:<n>]`` SIGKILLs the job driver's process group (the
+    driver, its local Ray and workers: run the job in a session of its own) at ``name``, once ``done`` >= n.
+    Points: ``after_output_write`` (a batch's outputs are written, its manifest part not yet; ``done`` = parts the
+    run has committed) and ``inside_compaction`` (the run's file is committed, one of its parts deleted)."""
+    point, _, count = _KILL_AT.partition(":")
+    if point == name and done >= int(count or 0):
+        os.killpg(int(os.environ["DIT4SR_TEST_KILL_PGID"]), signal.SIGKILL)
+
+
+def run_dir(run_id: str) -> str:
+    return f"{MANIFEST_DIR}/run={run_id}"
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
 def write_part(output: Location, run_id: str, rows: list[dict[str, Any]]) -> str | None:
-    """Commit one Parquet file with ``rows`` (temp+rename locally, one PUT on object stores)."""
+    """Commit one batch's rows as a Parquet file under the run's ``parts/`` (temp+rename locally, one PUT on
+    object stores)."""
     if not rows:
         return None
-    buffer = io.BytesIO()
-    pq.write_table(to_table(rows), buffer)
-    key = f"{MANIFEST_DIR}/run={run_id}/{part_name(rows)}"
-    output.write_atomic(key, buffer.getvalue())
+    data = table_bytes(to_table(rows))
+    parts = f"{run_dir(run_id)}/{PARTS_DIR}"
+    if _KILL_AT and any(row["status"] in ("ok", "staged") for row in rows):
+        kill_point("after_output_write", len(Location(output.url(parts), output.storage_options).list()))
+    key = f"{parts}/{part_name(rows)}"
+    output.write_atomic(key, data)
     return output.url(key)
 
 
-def compact_run(output: Location, run_id: str) -> None:
-    """Fold a finished run's per-batch parts into one file, so later planners read one object per run.
+@dataclass
+class RunFiles:
+    """One run's manifest files as listed: its committed file (if any) and its batch parts."""
 
-    The combined part is committed before the batch parts are deleted: a crash in between leaves some rows
-    twice in that run, which planning tolerates (it keeps each source's latest ``ok`` row), never a lost row.
-    """
-    run = Location(output.url(f"{MANIFEST_DIR}/run={run_id}"), output.storage_options)
-    parts = [entry.relative for entry in run.list(include=["part-*.parquet"])]
-    if len(parts) <= 1:
-        return
-    table = pads.dataset([run.path(key) for key in parts], schema=SCHEMA, format="parquet",
-                         filesystem=run.fs).to_table()
-    combined = write_part(output, run_id, table.to_pylist())
-    for key in parts:
-        if run.url(key) != combined:
-            run.remove(key)
+    run_id: str
+    committed: list[str] = field(default_factory=list)  # keys under _manifests/
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def rows_from(self) -> list[str]:
+        """Where the run's rows are: the committed file holds them all once it exists."""
+        return self.committed or self.parts
 
 
-def read_manifests(output: Location, columns: list[str] | None = None, where: pads.Expression | None = None
-                   ) -> pa.Table:
-    """Committed manifest rows of all runs (temp files are never matched: they are hidden dot-files)."""
+def list_runs(output: Location) -> dict[str, RunFiles]:
+    """Every run's manifest files, by run id (one listing of ``_manifests/``)."""
     manifests = Location(output.url(MANIFEST_DIR), output.storage_options)
-    parts = [entry.relative for entry in manifests.list(include=["**/part-*.parquet"])]
-    if not parts:
+    runs: dict[str, RunFiles] = {}
+    for entry in manifests.list(include=["run=*/part-*.parquet", f"run=*/{PARTS_DIR}/part-*.parquet"]):
+        folder, _, rest = entry.relative.partition("/")
+        files = runs.setdefault(folder[len("run="):], RunFiles(folder[len("run="):]))
+        (files.parts if rest.startswith(f"{PARTS_DIR}/") else files.committed).append(entry.relative)
+    return runs
+
+
+def read_files(output: Location, keys: list[str], columns: list[str] | None = None,
+               where: pads.Expression | None = None) -> pa.Table:
+    """Rows of the given manifest files (keys under ``_manifests/``)."""
+    if not keys:
         return SCHEMA.empty_table().select(columns or COLUMNS)
-    dataset = pads.dataset([manifests.path(key) for key in parts], schema=SCHEMA, format="parquet",
+    manifests = Location(output.url(MANIFEST_DIR), output.storage_options)
+    dataset = pads.dataset([manifests.path(key) for key in keys], schema=SCHEMA, format="parquet",
                            filesystem=manifests.fs)
     return dataset.to_table(columns=columns, filter=where)
 
 
-def latest_done(output: Location) -> dict[str, dict[str, Any]]:
-    """For each unit of work, its most recent ``ok`` or ``staged`` row (what its output should currently hold)."""
-    columns = ["source_key", "unit_key", "source_size", "source_etag_or_mtime", "output_key", "output_size",
-               "output_etag_or_mtime", "config_fingerprint", "finished_at", "status",
-               # what finishing a clip needs of segments staged by earlier runs
-               "width", "height", "out_width", "out_height", "frames_out", "flicker", "flicker_pairs",
-               "reference_motion"]
-    latest: dict[str, dict[str, Any]] = {}
-    done = pads.field("status").isin(["ok", "staged"])
-    for row in read_manifests(output, columns, where=done).to_pylist():
-        key = unit_key(row)
-        current = latest.get(key)
-        if current is None or row["finished_at"] > current["finished_at"]:
-            latest[key] = row
-    return latest
+def commit_run(output: Location, run_id: str) -> None:
+    """Make a run's rows visible: fold its batch parts into ``run=<id>/part-<hash>.parquet``, then delete them.
+
+    Crash-safe at every step: before the run's file is committed, readers of ``_manifests/*/*.parquet`` see none of
+    the run's rows, afterwards all of them (its parts lie one level deeper, where that glob does not reach); and
+    once the file exists it is never rewritten from whatever parts are left — a commit interrupted while deleting
+    them is finished by deleting the rest (``pipeline.state.recover``).
+    """
+    files = list_runs(output).get(run_id)
+    if files is None or not files.parts:
+        return
+    if not files.committed:
+        table = read_files(output, files.parts)
+        output.write_atomic(f"{run_dir(run_id)}/{part_name(table.select(['unit_key', 'source_key']).to_pylist())}",
+                            table_bytes(table))
+    for number, key in enumerate(files.parts):
+        with contextlib.suppress(FileNotFoundError):
+            output.remove(f"{MANIFEST_DIR}/{key}")
+        if number == 0:
+            kill_point("inside_compaction")
+    if output.is_local:  # object stores have no folders; a local one would stay behind empty
+        with contextlib.suppress(OSError):
+            os.rmdir(output.path(f"{run_dir(run_id)}/{PARTS_DIR}"))
 
 
-def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, fingerprint: str,
+def read_manifests(output: Location, columns: list[str] | None = None, where: pads.Expression | None = None
+                   ) -> pa.Table:
+    """Every run's rows, each exactly once: a run's committed file, or its batch parts while it has none."""
+    keys = [key for files in list_runs(output).values() for key in files.rows_from]
+    return read_files(output, keys, columns, where)
+
+
+def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, fingerprint: str, skipped: int = 0,
               extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Counts per input (photos, videos, sequences); segments, the clips' units of work, are counted apart."""
+    """Counts per input (photos, videos, sequences); segments, the clips' units of work, are counted apart.
+    ``skipped``: inputs already done, which have no rows."""
     inputs = [row for row in rows if row.get("unit") != "segment"]
     segments = Counter(row["status"] for row in rows if row.get("unit") == "segment")
     statuses = Counter(row["status"] for row in inputs)
@@ -174,10 +237,10 @@ def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, finger
     return {
         "run_id": run_id,
         "config_fingerprint": fingerprint,
-        "inputs": len(inputs),
+        "inputs": processed + skipped,
         "ok": statuses.get("ok", 0),
         "failed": statuses.get("failed", 0),
-        "skipped": statuses.get("skipped", 0),
+        "skipped": skipped,
         "segments": {"staged": segments.get("staged", 0), "failed": segments.get("failed", 0)},
         "failures_by_type": dict(Counter(row["error_type"] for row in inputs if row["status"] == "failed")),
         "seconds": round(seconds, 3),

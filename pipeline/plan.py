@@ -5,14 +5,16 @@ segments — frame ranges that are units of their own, so a long film spreads ov
 frame sequence (numbered images in a folder named by ``video.sequence_folders``). A clip is finished by the
 driver once all its segments are staged (``run.py``).
 
-A unit is skipped when its latest ``ok``/``staged`` row has the same source identity (size + ETag/mtime), the
-same config fingerprint, and what it wrote is still there unchanged. Everything else is (re)processed; inputs
+A unit is skipped when its latest ``ok``/``staged`` row (``pipeline.state``: the compacted state plus runs not yet
+folded into it) has the same source identity (size + ETag/mtime), the same config fingerprint, and what it wrote
+is still there unchanged; skipped inputs are counted, not written. Everything else is (re)processed; inputs
 that cannot be processed safely are rejected here as ``failed`` rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import pathlib
@@ -26,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
 
-from . import manifest, media
+from . import manifest, media, state
 from .config import ConfigError, JobConfig, fingerprint
 from .engine import tiles_per_frame
 from .media import video
@@ -57,7 +59,7 @@ class Clip:
 class Plan:
     spec: RunSpec
     todo: list[dict[str, Any]] = field(default_factory=list)  # images and segments, in stream order
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # source keys of inputs already done (no rows: counted)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     clips: dict[str, Clip] = field(default_factory=dict)  # source key -> clip being made in this run
     stale_staging: list[str] = field(default_factory=list)  # staged files of clips already committed
@@ -152,11 +154,11 @@ def group_inputs(entries: list[Entry], sequence_folders: list[str]) -> tuple[lis
     in_sequence_folder = glob_matcher(sequence_folders)
     images, videos, groups = [], [], {}
     for entry in entries:
-        path = pathlib.PurePosixPath(entry.relative)
-        numbered = _NUMBERED.match(path.name)
+        path = pathlib.PurePosixPath(entry.relative) if sequence_folders else None  # a million paths cost seconds
+        numbered = path and _NUMBERED.match(path.name)
         if media.kind_of(entry.relative) == media.VIDEO:
             videos.append(entry)
-        elif sequence_folders and numbered and in_sequence_folder(str(path.parent) if path.parent.name else ""):
+        elif numbered and in_sequence_folder(str(path.parent) if path.parent.name else ""):
             key = (str(path.parent), numbered["prefix"], numbered["suffix"])
             groups.setdefault(key, []).append((int(numbered["number"]), numbered["number"], entry))
         else:
@@ -185,24 +187,28 @@ class _Planner:
         check_output_outside_input(cfg, self.source, self.output)
         self.plan = Plan(spec=spec)
         self.prompts = load_prompts(cfg)
-        self.previous = manifest.latest_done(self.output)
+        self.previous = state.latest_done(self.output)
         self.existing = {entry.relative: entry for entry in
                          self.output.list(exclude=[f"{manifest.MANIFEST_DIR}/**"])}
         self.claimed: dict[str, str] = {}
 
     # Rows -------------------------------------------------------------------------------------------------
     def row(self, key: str, unit: str, size: int, identity: str, **values: Any) -> dict[str, Any]:
-        settings = self.spec.settings
         # A per-source prompt changes that source's output only, so it goes into that row's fingerprint.
-        prompt = self.prompts.get(key, self.cfg.upscale.prompt) if "prompt" in settings else ""
-        image_fingerprint = fingerprint({**settings, "prompt": prompt}) if "prompt" in settings \
-            else self.spec.fingerprint
+        prompt = self.prompts.get(key, self.cfg.upscale.prompt) if "prompt" in self.spec.settings else ""
         row = manifest.empty_row(
             run_id=self.spec.run_id, source_uri=self.source.url(key), source_key=key, source_size=size,
             source_etag_or_mtime=identity, prompt=prompt, unit=unit, unit_key=key,
-            config_fingerprint=self.spec.unit_fingerprint(unit, image_fingerprint))
+            config_fingerprint=self.unit_fingerprint(unit, prompt))
         row.update(values)
         return row
+
+    @functools.cache  # noqa: B019 - one planner per run; a few distinct prompts, a million rows
+    def unit_fingerprint(self, unit: str, prompt: str) -> str:
+        settings = self.spec.settings
+        image_fingerprint = fingerprint({**settings, "prompt": prompt}) if "prompt" in settings \
+            else self.spec.fingerprint
+        return self.spec.unit_fingerprint(unit, image_fingerprint)
 
     def reject(self, row: dict[str, Any], error_type: str, message: str) -> None:
         self.plan.rejected.append({**row, "status": "failed", "error_type": error_type, "error_message": message})
@@ -241,8 +247,7 @@ class _Planner:
         done = self.done_before(row, outputs)
         if done is None:
             return False
-        self.plan.skipped.append({**row, "status": "skipped", "output_size": done["output_size"],
-                                  "output_etag_or_mtime": done["output_etag_or_mtime"]})
+        self.plan.skipped.append(row["source_key"])
         return True
 
     # Photos ---------------------------------------------------------------------------------------------------

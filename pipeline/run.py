@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from . import manifest, preflight, report
+from . import manifest, preflight, report, state
 from .config import JobConfig
 from .engine import engine_kind, engine_run_settings, model_root, resolve_settings, texts_to_encode
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
@@ -203,8 +203,8 @@ class ClipFinisher:
 def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
     """Run the plan on Ray Data, finish its clips, commit the manifests and the run summary; returns the summary."""
     _, output = locations(cfg)
-    started = time.monotonic()
-    rows = plan.rejected + plan.skipped
+    started, started_at = time.monotonic(), manifest.utcnow()
+    rows = list(plan.rejected)
     manifest.write_part(output, plan.run_id, rows)
     remove_staged(output, plan.stale_staging)
     clips = ClipFinisher(plan, cfg)
@@ -218,15 +218,18 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
                 clips.add(done)
             log.info(progress.line())
     rows.extend(clips.wait())
-    if plan.todo or plan.clips:
-        manifest.compact_run(output, plan.run_id)
+    manifest.commit_run(output, plan.run_id)  # the run's rows become visible at once, in one file
+    state.fold(output)
     summary = manifest.summarize(rows, run_id=plan.run_id, seconds=time.monotonic() - started,
-                                 fingerprint=plan.fingerprint,
+                                 fingerprint=plan.fingerprint, skipped=len(plan.skipped),
                                  extra={"settings": {**plan.settings, **engine_run_settings(rows)},
                                         "video": plan.spec.video,
-                                        "output_uri": cfg.output.uri})
+                                        "output_uri": cfg.output.uri, "started_at": started_at.isoformat(),
+                                        "finished_at": manifest.utcnow().isoformat()})
     summary["report_uri"] = report.write_report(cfg, summary, rows)
     summary["summary_uri"] = manifest.write_summary(output, plan.run_id, summary)
+    state.record_run(output, summary, started_at=started_at, finished_at=manifest.utcnow(),
+                     exit_code=state.exit_code_of(summary))
     print(manifest.format_summary(summary), flush=True)
     return summary
 
@@ -238,7 +241,9 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False) -> int:
     lock = RunLease(locations(cfg)[1], cfg.run.lock) if cfg.run.lock.enabled else contextlib.nullcontext()
     try:
         with lock:  # held from before planning until the summary is written
-            return EXIT_INPUTS_FAILED if execute(prepare(cfg), cfg)["failed"] else EXIT_OK
+            if cfg.run.lock.enabled:  # only a lock holder may tidy what earlier runs left
+                state.recover(locations(cfg)[1])
+            return state.exit_code_of(execute(prepare(cfg), cfg))
     except RunLocked as exc:
         log.error("%s", exc)
         return EXIT_LOCKED
@@ -260,8 +265,8 @@ def _dry_run(plan: Plan, cfg: JobConfig) -> int:
         size = f"{row['width']}x{row['height']}" if row["width"] else "?"
         print(f"process {key} -> {row['output_key']}  {row['unit']} {size}  frames={row['frames_in']} "
               f"segments={len(clip.segment_keys)} ({todo} to do)  tiles={clip_tiles.get(key, 0)}")
-    for row in plan.skipped:
-        print(f"skip    {row['source_key']} (already done with config {row['config_fingerprint']})")
+    for key in plan.skipped:
+        print(f"skip    {key} (already done)")
     for row in plan.rejected:
         print(f"reject  {row['source_key']}: {row['error_type']}: {row['error_message']}")
     units = sum(row["unit"] != "segment" for row in plan.todo) + len(plan.clips)

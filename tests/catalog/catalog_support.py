@@ -38,6 +38,16 @@ def manifests(output: pathlib.Path):
     return (pq.read_table(parts) if parts else SCHEMA.empty_table()).to_pandas()
 
 
+def run_index(output: pathlib.Path):
+    """The runs index (one row per run: outcome, exit code, counts incl. skipped inputs), oldest first."""
+    import pyarrow.parquet as pq
+
+    from pipeline.state import RUNS_DIR, RUNS_SCHEMA
+
+    files = sorted(output.glob(f"{RUNS_DIR}/*.parquet"))
+    return (pq.read_table(files) if files else RUNS_SCHEMA.empty_table()).to_pandas().sort_values("run_id")
+
+
 def outputs(root: pathlib.Path) -> dict[str, bytes]:
     """Every output object (not manifests, not hidden temp files) under a local output folder."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))

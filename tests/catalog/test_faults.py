@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
 import subprocess
 import sys
-import time
 
+import duckdb
 import pytest
 import yaml
 from catalog_support import (
@@ -16,12 +17,15 @@ from catalog_support import (
     job_config,
     manifests,
     outputs,
+    run_index,
     small_catalog,
     write_catalog,
 )
 
 from pipeline.config import validate_config
+from pipeline.manifest import read_manifests
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_OK, run_job
+from pipeline.storage import Location
 
 JOB = REPO / "jobs" / "upscale_catalog.py"
 
@@ -53,47 +57,108 @@ def _job(config: pathlib.Path, *extra: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def _kill_when(driver: subprocess.Popen, condition, what: str) -> None:
-    deadline = time.monotonic() + 240
-    while not condition():
-        assert driver.poll() is None, f"the job ended before {what}:\n{driver.stdout.read()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything it started, at once
-    driver.wait()
+# -- kill and resume with the bundled DiT4SR model (the seed matters), at deterministic points ------------------------
+BUNDLED = {"model": {"path": "bundled"}, "upscale": {"scale": 4},
+           "compute": {"batch_size": 2, "actors": {"min": 1, "max": 1}, "torch_threads": 1},
+           # the killed run's lease must not hold the re-run for long: it expires in 3 s, the re-run waits for it
+           "run": {"progress_interval_s": 1, "lock": {"ttl_s": 3, "wait_s": 60}}}
+KILLED = -signal.SIGKILL
+
+
+@pytest.fixture(scope="module")
+def bundled_reference(tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
+    """A catalog of tiny photos and an uninterrupted run's outputs (in a job process of its own, like the rest)."""
+    root = tmp_path_factory.mktemp("bundled")
+    files = small_catalog(6)
+    write_catalog(root / "in", files)
+    config = _write_config(root / "reference.yaml", job_config(str(root / "in"), str(root / "reference"), **BUNDLED))
+    assert _finish(_bundled_job(config)) == EXIT_OK
+    return root / "in", outputs(root / "reference")
+
+
+def _bundled_job(config: pathlib.Path, kill_at: str | None = None) -> subprocess.Popen:
+    """The job in a session of its own with its own local Ray, so a kill hook's SIGKILL of its process group takes
+    the driver, Ray and the workers, and nothing else."""
+    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "DIT4SR_TEST_KILL_AT")}
+    if kill_at:
+        env["DIT4SR_TEST_KILL_AT"] = kill_at
+    return subprocess.Popen([sys.executable, str(JOB), "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(job: subprocess.Popen) -> int:
+    log, _ = job.communicate(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)  # whatever a killed job's group left behind
+    job.log = log
+    return job.returncode
+
+
+def user_duplicates(output: pathlib.Path) -> list:
+    """The README's query for inputs with more than one ok row, as users type it (DuckDB refuses a glob that
+    matches no file: no run committed yet)."""
+    if not list(output.glob("_manifests/*/*.parquet")):
+        return []
+    return duckdb.sql(f"select source_key, count(*) from read_parquet('{output}/_manifests/*/*.parquet') "
+                      "where status = 'ok' group by 1 having count(*) > 1").fetchall()
+
+
+def user_ok_rows(output: pathlib.Path) -> list[str]:
+    if not list(output.glob("_manifests/*/*.parquet")):
+        return []
+    return sorted(key for (key,) in duckdb.sql(
+        f"select source_key from read_parquet('{output}/_manifests/*/*.parquet') where status = 'ok'").fetchall())
 
 
 @pytest.mark.slow
-def test_killed_driver_rerun_finishes_exactly_once_with_identical_bytes(ray_local, tmp_path):
-    files = small_catalog(16)
-    write_catalog(tmp_path / "in", files)
-    sections = {"model": {"path": "catalog_test_engines:slow"},
-                "compute": {"batch_size": 2, "actors": {"min": 1, "max": 1}}}
-    reference = job_config(str(tmp_path / "in"), str(tmp_path / "reference"), **sections)
-    assert run_job(validate_config(reference)) == EXIT_OK  # the uninterrupted run, same machine
-
+def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(bundled_reference, tmp_path):
+    source, reference = bundled_reference
     output = tmp_path / "out"
-    config = _write_config(tmp_path / "job.yaml", job_config(str(tmp_path / "in"), str(output), **sections))
-    parts = lambda: len(list(output.glob("_manifests/run=*/part-*.parquet")))  # noqa: E731
-    # kill 1: as soon as the first output exists (most likely before its manifest part is committed)
-    _kill_when(_job(config, start_new_session=True), lambda: bool(outputs(output)), "the first output")
-    # kill 2: in the middle of the re-run, after it committed two more batches
-    committed = parts()
-    _kill_when(_job(config, start_new_session=True), lambda: parts() >= committed + 2, "two more batches")
-    before = manifests(output)
-    before = before[before.status == "ok"]
-    assert 0 < len(before) < len(files) and before.source_key.is_unique
+    config = _write_config(tmp_path / "job.yaml", job_config(str(source), str(output), **BUNDLED))
+    # killed once the run has committed one batch's part, as the next batch's outputs are written and its part is not
+    killed = _bundled_job(config, kill_at="after_output_write:1")
+    assert _finish(killed) == KILLED, killed.log
+    recorded = read_manifests(Location(str(output), {})).to_pandas()  # the killed run's committed batch parts
+    written = outputs(output)
+    done = len(recorded)  # 2 or more: write tasks may run side by side
+    assert 0 < done < len(inputs_of(source)) and set(recorded.status) == {"ok"}
+    assert len(written) > len(recorded)  # outputs whose manifest part was never committed: the window was hit
+    assert user_duplicates(output) == [] and user_ok_rows(output) == []  # the run was not committed: none shown
 
-    final = _job(config)
-    log, _ = final.communicate(timeout=300)
-    assert final.returncode == EXIT_OK, log
-    assert outputs(output) == outputs(tmp_path / "reference")  # byte-identical, nothing partial
-    rows = manifests(output)
-    ok = rows[rows.status == "ok"]
-    assert sorted(ok.source_key) == sorted(files)  # every input exactly once in the final state
-    last = rows[rows.run_id == rows.run_id.max()]
-    assert sorted(last[last.status == "skipped"].source_key) == sorted(before.source_key)
-    assert sorted(last[last.status == "ok"].source_key) == sorted(set(files) - set(before.source_key))
+    resumed = _bundled_job(config)
+    assert _finish(resumed) == EXIT_OK, resumed.log
+    assert outputs(output) == reference  # byte-identical to the uninterrupted run, nothing partial
+    assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
+    runs = run_index(output)
+    assert list(runs.outcome) == ["interrupted", "ok"]
+    assert list(runs.ok) == [done, len(reference) - done]  # the re-run redid exactly what had no committed row
+    assert list(runs.skipped) == [0, done]
+    assert not list(output.glob("_manifests/run=*/parts"))
+
+
+@pytest.mark.slow
+def test_kill_inside_compaction_never_shows_a_row_twice(bundled_reference, tmp_path):
+    source, reference = bundled_reference
+    output = tmp_path / "out"
+    config = _write_config(tmp_path / "job.yaml", job_config(str(source), str(output), **BUNDLED))
+    killed = _bundled_job(config, kill_at="inside_compaction")
+    assert _finish(killed) == KILLED, killed.log
+    assert outputs(output) == reference
+    assert len(list(output.glob("_manifests/run=*/parts/part-*.parquet"))) >= 2  # killed with parts half deleted
+    # the run's file was committed before its parts went: every input once, none twice
+    assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
+
+    resumed = _bundled_job(config)
+    assert _finish(resumed) == EXIT_OK, resumed.log
+    assert outputs(output) == reference
+    assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
+    assert not list(output.glob("_manifests/run=*/parts"))  # the interrupted commit was finished
+    runs = run_index(output)
+    assert list(runs.outcome) == ["interrupted", "ok"] and list(runs.skipped) == [0, len(reference)]
+
+
+def inputs_of(source: pathlib.Path) -> list[str]:
+    return sorted(str(path.relative_to(source)) for path in source.rglob("*") if path.is_file())
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import sys
 import av
 import numpy as np
 import pytest
-from catalog_support import REPO, image_bytes, job_config, manifests, write_catalog
+from catalog_support import REPO, image_bytes, job_config, manifests, run_index, write_catalog
 from PIL import Image
 
 from pipeline.config import validate_config
@@ -182,10 +182,14 @@ def test_video_settings_redo_videos_only_and_segment_length_is_a_video_setting(r
     first = (tmp_path / "out" / "clip.mp4").read_bytes()
 
     def latest_run(config: dict) -> dict[str, str]:
+        """Status per input of a new run (skipped inputs have no rows: the run index counts them)."""
         assert run_job(validate_config(config)) == EXIT_OK
+        run = run_index(tmp_path / "out").iloc[-1]
         rows = manifests(tmp_path / "out")
-        rows = rows[(rows.run_id == rows.run_id.max()) & (rows.unit != "segment")]
-        return dict(zip(rows.source_key, rows.status))
+        rows = rows[(rows.run_id == run.run_id) & (rows.unit != "segment")]
+        statuses = dict(zip(rows.source_key, rows.status))
+        assert run.skipped == 2 - len(statuses)
+        return {key: statuses.get(key, "skipped") for key in ("clip.mp4", "photo.png")}
 
     assert latest_run(video_config(tmp_path)) == {"clip.mp4": "skipped", "photo.png": "skipped"}
     assert latest_run(video_config(tmp_path, compute={"batch_size": 1, "actors": {"min": 1, "max": 1}},
