@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--segment-seconds", type=float, default=0.4)
     parser.add_argument("--model", default="bundled")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-model", action="store_true", help="only the bicubic plumbing run")
+    parser.add_argument("--modes", default="bicubic,consistent,independent",
+                        help="runs to make, of bicubic (the plumbing), consistent and independent (the model)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -107,10 +108,10 @@ def main() -> None:
                "size": list(source[0].shape[1::-1]), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "date": time.strftime("%Y-%m-%d"), "reference_motion": float(reference), "runs": {}}
 
-    modes = [("bicubic", "bicubic", "consistent")]
-    if not args.skip_model:
-        modes += [("consistent", args.model, "consistent"), ("independent", args.model, "independent")]
-    for label, model, noise in modes:
+    runs = {"bicubic": ("bicubic", "consistent"), "consistent": (args.model, "consistent"),
+            "independent": (args.model, "independent")}
+    for label in args.modes.split(","):
+        model, noise = runs[label]
         out = work / f"out-{label}"
         timing = run({**base, "output": {"uri": str(out)}, "model": {"path": model},
                       "video": {"noise": noise, "segment_seconds": args.segment_seconds, "crf": 12}}, label)
