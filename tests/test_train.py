@@ -129,7 +129,14 @@ def test_bundled_model_is_complete_small_and_loads():
     assert size <= 25 * 2**20
     for name in ("README.md", "heldout_photos.txt", "recommended_settings.json", "eval_heldout.json"):
         assert (root / name).is_file(), name
-    assert "--max-steps 1100" in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert "--max-steps 1100" in readme and "figures/degraded_strip.png" in readme
+    strip = Image.open(root / "figures" / "degraded_strip.png")
+    assert strip.size == (5 * 256, 6 * 256)  # 3 crops x 2 degradations; LR, bicubic, v1, v2, HR
+    sharpness = json.loads((root / "figures" / "degraded_sharpness.json").read_text())["mean"]
+    assert set(sharpness) == {"jpeg:30", "noise:12+jpeg:60"}
+    for by_method in sharpness.values():  # the model is sharper than bicubic on real-degraded inputs
+        assert by_method["v1"]["laplacian_var"] > 2 * by_method["bicubic"]["laplacian_var"]
     pipe = DiT4SRPipeline.from_pretrained("bundled", device="cpu")
     assert pipe.transformer.config.prediction_type == "sample" and pipe.transformer.config.lr_residual
     assert pipe.effective_settings()["num_inference_steps"] == 1
