@@ -94,7 +94,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
     work = pathlib.Path(tempfile.mkdtemp(prefix="video-flicker-"))
     (work / "in").mkdir()
     clip = work / "in" / "clip.mp4"
