@@ -94,6 +94,12 @@ class FaultProxy(http.server.ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
+    def handle_error(self, request, client_address) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # clients that die (killed drivers) are expected
+            super().handle_error(request, client_address)
+
     def choose(self, method: str, path: str) -> str | None:
         fault = self.policy(method, path)
         with self.lock:
