@@ -15,7 +15,7 @@ names contain ``control`` train (``model.trainable: all`` trains every weight); 
 ``model.transformer`` trains everything.
 
 Reproducibility: sample ``i`` of step ``k`` (its crop, degradation, timestep, prompt drop and noise) comes
-from generators seeded with ``(seed, i, k)`` (``dit4sr.training.data``), so a resumed run needs only the
+from generators seeded with ``(seed, k, i)`` (``dit4sr.training.data``), so a resumed run needs only the
 weights, optimizer, EMA and step to continue exactly (on the same device type and precision), and a step's
 samples are the same however many workers share the global batch. Every checkpoint is a complete pipeline
 root (``model_index.json``, ``transformer/`` with the EMA weights, ``vae/``, ``scheduler/``,
