@@ -14,6 +14,7 @@ Expiry compares the wall clocks of the machines involved: keep ``ttl_s`` far abo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from filelock import FileLock
 from fsspec.asyn import sync
@@ -85,26 +86,28 @@ class _S3Store:
         return None if found is None else Held(_parse(found[0]), found[1])
 
     def swap(self, data: bytes, version: str) -> str:
-        try:
+        with _lost_when_changed():
             return self._put(data, IfMatch=version)
-        except (FileNotFoundError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError) or service_error(exc)[0] == "PreconditionFailed":
-                raise LeaseLost(str(exc)) from exc
-            raise
 
     def delete(self, version: str) -> None:
-        try:
+        with _lost_when_changed():
             self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=version)
-        except (FileNotFoundError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError) or service_error(exc)[0] == "PreconditionFailed":
-                raise LeaseLost(str(exc)) from exc
-            raise
-        finally:
-            self.fs.invalidate_cache(self.path)
+        self.fs.invalidate_cache(self.path)
 
     def _put(self, data: bytes, **options: Any) -> str:
         response = self.fs.pipe_file(self.path, data, ContentType="application/json", **options)
         return response["ETag"]
+
+
+@contextlib.contextmanager
+def _lost_when_changed() -> Iterator[None]:
+    """A conditional request refused (412 PreconditionFailed) or its object gone: the lease changed hands."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or service_error(exc)[0] == "PreconditionFailed":
+            raise LeaseLost(str(exc)) from exc
+        raise
 
 
 class _LocalStore:
@@ -160,7 +163,7 @@ def _parse(data: bytes) -> dict[str, Any]:
     """A lease's record; one that cannot be read (edited by hand, a foreign file) counts as long expired."""
     try:
         record = json.loads(data)
-        float(record["expires_at"])
+        record["expires_at"] = float(record["expires_at"])
         return record
     except (ValueError, KeyError, TypeError):
         return {"holder": "an unreadable lease", "token": None, "expires_at": 0.0}

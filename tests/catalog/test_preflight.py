@@ -1,6 +1,7 @@
 """Input errors are errors: a missing folder or bucket, an unreadable bucket or refused credentials end the job
 with exit 1 and one line naming the URI and the cause, before planning and before any model loads; an existing
-but empty input is a success with 0 inputs."""
+but empty input is a success with 0 inputs. (An absent input where input.example_catalog is set gets the
+example catalog: test_job_submit.py runs the embedded default that way.)"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import boto3
 import pytest
-from catalog_support import job_config, manifests, small_catalog, write_catalog
+from catalog_support import job_config, small_catalog
 from moto_process import moto_server, require_authentication
 from ops_support import Job, session_ray_address
 
@@ -55,13 +56,6 @@ def test_an_empty_input_is_a_success_with_0_inputs(ray_local, tmp_path):
     assert run_job(validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out")))) == EXIT_OK
     summary = json.loads(next((tmp_path / "out").glob("_manifests/run=*/_summary.json")).read_text())
     assert (summary["inputs"], summary["ok"], summary["failed"]) == (0, 0, 0)
-
-
-def test_an_absent_input_gets_the_example_catalog_where_configured(ray_local, tmp_path):
-    config = job_config(str(tmp_path / "catalog"), str(tmp_path / "out"), input={"example_catalog": True})
-    assert run_job(validate_config(config)) == EXIT_OK
-    rows = manifests(tmp_path / "out")
-    assert len(rows) == 5 and set(rows.status) == {"ok"}
 
 
 def test_missing_buckets_are_named(bucket, s3_options):

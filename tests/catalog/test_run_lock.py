@@ -4,6 +4,7 @@ implements S3's conditional writes: If-None-Match on create, If-Match on renewal
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -12,9 +13,9 @@ from catalog_support import job_config, small_catalog
 from ops_engines import gate_path
 from ops_support import Job, manifest_rows, session_ray_address, upload
 
-from pipeline.config import LockConfig
+from pipeline.config import LockConfig, validate_config
 from pipeline.lease import LEASE_KEY, RunLease, RunLocked
-from pipeline.run import EXIT_LOCKED, EXIT_OK
+from pipeline.run import EXIT_LOCKED, EXIT_OK, run_job
 from pipeline.state import read_runs
 from pipeline.storage import Location
 
@@ -119,54 +120,34 @@ def _lock_config(input: Location, output: Location, **lock) -> tuple[dict, dict]
 
 
 @pytest.mark.slow
-def test_overlapping_runs_commit_every_input_exactly_once(gate, store, tmp_path):
-    source, output = store
-    files = small_catalog(6)
-    upload(source, files)
-    config, env = _lock_config(source, output, ttl_s=30)
-    first = Job(config, tmp_path / "first.yaml", env=env)
-    first.wait_for(gate.with_suffix(".waiting").exists, "the first run to start upscaling")  # holds the lease
-
-    refused = Job(config, tmp_path / "second.yaml", env=env)
-    assert refused.finish() == EXIT_LOCKED, refused.log
-    assert f"output {output.uri} is locked by another run: " in refused.log and "run.lock.wait_s" in refused.log
-
-    config["run"]["lock"]["wait_s"] = 600
-    waiting = Job(config, tmp_path / "third.yaml", env=env)
-    waiting.wait_for(lambda: "waiting up to" in waiting.log, "the third run to wait for the lock")
-    gate.touch()
-    assert first.finish() == EXIT_OK, first.log
-    assert waiting.finish() == EXIT_OK, waiting.log
-
-    rows = manifest_rows(output)
-    ok = rows[rows.status == "ok"]
-    assert sorted(ok.source_key) == sorted(files)  # every input committed exactly once across the runs
-    assert ok.run_id.nunique() == 1
-    assert set(rows.run_id) == {ok.run_id.iloc[0]}  # the other run had nothing to do: its inputs were counted
-    assert [(run["ok"], run["skipped"]) for run in read_runs(output).to_pylist()] == [(len(files), 0), (0, len(files))]
-    assert lease_record(output) is None
-
-
-@pytest.mark.slow
-def test_the_lease_of_a_killed_run_is_taken_over_after_it_expires(gate, store, tmp_path):
+def test_overlapping_runs_and_a_killed_holder_commit_every_input_exactly_once(gate, store, tmp_path, caplog):
     source, output = store
     files = small_catalog(4)
     upload(source, files)
     config, env = _lock_config(source, output, ttl_s=5)
-    crashed = Job(config, tmp_path / "crashed.yaml", env=env)
-    crashed.wait_for(gate.with_suffix(".waiting").exists, "the run to start upscaling")
-    crashed.kill()  # SIGKILL: the driver and its local Ray, mid-run; nothing releases the lease
-    stale = lease_record(output)
-    assert stale["holder"].endswith(f"/{crashed.process.pid}")
+    holder = Job(config, tmp_path / "holder.yaml", env=env)  # a job process of its own, held mid-run by the gate
+    holder.wait_for(gate.with_suffix(".waiting").exists, "the first run to start upscaling")
+    held_by = lease_record(output)["holder"]
+    assert held_by.endswith(f"/{holder.process.pid}")
 
+    caplog.set_level(logging.INFO, logger="pipeline")
+    assert run_job(validate_config(config)) == EXIT_LOCKED  # a second run while the first lives: refused
+    assert f"output {output.uri} is locked by another run: {held_by} (since " in caplog.text
+
+    config["run"]["lock"]["wait_s"] = 600  # a third run waits for it ...
+    waited: dict = {}
+    waiting = threading.Thread(target=lambda: waited.update(code=run_job(validate_config(config))))
+    waiting.start()
+    holder.wait_for(lambda: "waiting up to" in caplog.text, "the third run to wait for the lock")
+    holder.kill()  # ... the first is SIGKILLed mid-run, its lease left behind ...
+    assert lease_record(output)["holder"] == held_by
     gate.touch()
-    config["run"]["lock"]["wait_s"] = 600
-    rerun = Job(config, tmp_path / "rerun.yaml", env=env)
-    assert rerun.finish() == EXIT_OK, rerun.log
-    assert f"took over the expired lease of {stale['holder']}" in rerun.log
+    waiting.join(timeout=600)
+    assert waited["code"] == EXIT_OK  # ... and taken over once expired
+    assert f"took over the expired lease of {held_by}" in caplog.text
 
     rows = manifest_rows(output)
-    assert sorted(rows[rows.status == "ok"].source_key) == sorted(files)  # each exactly once
+    assert sorted(rows[rows.status == "ok"].source_key) == sorted(files)  # every input committed exactly once
     assert lease_record(output) is None
 
 
