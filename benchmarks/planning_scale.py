@@ -65,11 +65,17 @@ def run_table(run_id: str, ids: range | list[int], version: list[int], fingerpri
                     schema=manifest.SCHEMA)
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(label: str, function, *args):
-    started = time.perf_counter()
+    """Wall and CPU seconds (the CPU figure is what a shared, overloaded machine distorts least)."""
+    started, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args)
-    seconds = time.perf_counter() - started
-    print(f"  {label:<58} {seconds:8.1f} s", flush=True)
+    seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+    print(f"  {label:<58} {seconds:8.1f} s wall {cpu:8.1f} s CPU", flush=True)
     return result, seconds
 
 
@@ -135,7 +141,8 @@ def main() -> None:
     os.remove(output.path(state.STATE_KEY))
     _, history_s = timed(f"for comparison, no state: read all {args.runs + 1} runs' rows", state.latest_done, output)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"\nplanning {args.inputs:,} inputs with {args.runs} runs of history: {plan_s:.1f} s "
+    print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"planning {args.inputs:,} inputs with {args.runs} runs of history: {plan_s:.1f} s "
           f"(state read {read_s:.1f} s); fold at a run's end {fold_s:.1f} s; without the state {history_s:.1f} s "
           f"to read the history alone; peak RSS {peak:.1f} GiB")
     if not args.workdir:

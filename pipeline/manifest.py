@@ -126,12 +126,18 @@ if _KILL_AT:  # the job's driver imports this before it starts Ray, whose worker
 
 def kill_point(name: str, done: int = 0) -> None:
     """Test-only fault hook: ``DIT4SR_TEST_KILL_AT=<name>[:<n>]`` SIGKILLs the job driver's process group (the
-    driver, its local Ray and workers: run the job in a session of its own) at ``name``, once ``done`` >= n.
+    driver and its local Ray: run the job in a session of its own) and this process at ``name``, once ``done`` >= n
+    (other Ray workers, each in a group of its own, die with their raylet).
     Points: ``after_output_write`` (a batch's outputs are written, its manifest part not yet; ``done`` = parts the
-    run has committed) and ``inside_compaction`` (the run's file is committed, one of its parts deleted)."""
+    run has committed) and ``inside_compaction`` (the run's file is committed, one of its parts deleted). The
+    point's name is written to ``DIT4SR_TEST_KILL_MARKER`` first, if set, so a test can tell its kill from others."""
     point, _, count = _KILL_AT.partition(":")
     if point == name and done >= int(count or 0):
+        if os.environ.get("DIT4SR_TEST_KILL_MARKER"):
+            with open(os.environ["DIT4SR_TEST_KILL_MARKER"], "w") as marker:
+                marker.write(name)
         os.killpg(int(os.environ["DIT4SR_TEST_KILL_PGID"]), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)  # a Ray worker: in a process group of its own
 
 
 def run_dir(run_id: str) -> str:
@@ -150,10 +156,13 @@ def write_part(output: Location, run_id: str, rows: list[dict[str, Any]]) -> str
     if not rows:
         return None
     data = table_bytes(to_table(rows))
-    parts = f"{run_dir(run_id)}/{PARTS_DIR}"
+    parts, name = f"{run_dir(run_id)}/{PARTS_DIR}", part_name(rows)
     if _KILL_AT and any(row["status"] in ("ok", "staged") for row in rows):
-        kill_point("after_output_write", len(Location(output.url(parts), output.storage_options).list()))
-    key = f"{parts}/{part_name(rows)}"
+        committed = {entry.relative for entry in Location(output.url(parts), output.storage_options).list(
+            include=["part-*.parquet"])}
+        if name not in committed:  # not a batch Ray redoes after its part was committed
+            kill_point("after_output_write", len(committed))
+    key = f"{parts}/{name}"
     output.write_atomic(key, data)
     return output.url(key)
 

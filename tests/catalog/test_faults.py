@@ -72,16 +72,17 @@ def bundled_reference(tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]
     files = small_catalog(6)
     write_catalog(root / "in", files)
     config = _write_config(root / "reference.yaml", job_config(str(root / "in"), str(root / "reference"), **BUNDLED))
-    assert _finish(_bundled_job(config)) == EXIT_OK
+    job = _bundled_job(config)
+    assert _finish(job) == EXIT_OK, job.log
     return root / "in", outputs(root / "reference")
 
 
 def _bundled_job(config: pathlib.Path, kill_at: str | None = None) -> subprocess.Popen:
     """The job in a session of its own with its own local Ray, so a kill hook's SIGKILL of its process group takes
-    the driver, Ray and the workers, and nothing else."""
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "DIT4SR_TEST_KILL_AT")}
+    the driver, Ray and the workers, and nothing else. The hook leaves its point's name in ``<config>.killed``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "DIT4SR_TEST_KILL"))}
     if kill_at:
-        env["DIT4SR_TEST_KILL_AT"] = kill_at
+        env.update(DIT4SR_TEST_KILL_AT=kill_at, DIT4SR_TEST_KILL_MARKER=str(config.with_suffix(".killed")))
     return subprocess.Popen([sys.executable, str(JOB), "--config", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -117,7 +118,7 @@ def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(bund
     config = _write_config(tmp_path / "job.yaml", job_config(str(source), str(output), **BUNDLED))
     # killed once the run has committed one batch's part, as the next batch's outputs are written and its part is not
     killed = _bundled_job(config, kill_at="after_output_write:1")
-    assert _finish(killed) == KILLED, killed.log
+    assert _finish(killed) == KILLED and config.with_suffix(".killed").read_text() == "after_output_write", killed.log
     recorded = read_manifests(Location(str(output), {})).to_pandas()  # the killed run's committed batch parts
     written = outputs(output)
     done = len(recorded)  # 2 or more: write tasks may run side by side
@@ -142,7 +143,7 @@ def test_kill_inside_compaction_never_shows_a_row_twice(bundled_reference, tmp_p
     output = tmp_path / "out"
     config = _write_config(tmp_path / "job.yaml", job_config(str(source), str(output), **BUNDLED))
     killed = _bundled_job(config, kill_at="inside_compaction")
-    assert _finish(killed) == KILLED, killed.log
+    assert _finish(killed) == KILLED and config.with_suffix(".killed").read_text() == "inside_compaction", killed.log
     assert outputs(output) == reference
     assert len(list(output.glob("_manifests/run=*/parts/part-*.parquet"))) >= 2  # killed with parts half deleted
     # the run's file was committed before its parts went: every input once, none twice
