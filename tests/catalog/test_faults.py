@@ -145,9 +145,9 @@ def test_kill_inside_compaction_never_shows_a_row_twice(bundled_reference, tmp_p
     killed = _bundled_job(config, kill_at="inside_compaction")
     assert _finish(killed) == KILLED and config.with_suffix(".killed").read_text() == "inside_compaction", killed.log
     assert outputs(output) == reference
-    assert len(list(output.glob("_manifests/run=*/parts/part-*.parquet"))) >= 2  # killed with parts half deleted
     # the run's file was committed before its parts went: every input once, none twice
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
+    assert len(list(output.glob("_manifests/run=*/parts/part-*.parquet"))) >= 2  # killed with parts half deleted
 
     resumed = _bundled_job(config)
     assert _finish(resumed) == EXIT_OK, resumed.log
