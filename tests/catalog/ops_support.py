@@ -10,11 +10,10 @@ import sys
 import threading
 import time
 
-import pyarrow.dataset as pads
 import yaml
 from catalog_support import REPO
 
-from pipeline.manifest import MANIFEST_DIR, SCHEMA
+from pipeline.manifest import read_manifests
 from pipeline.storage import Location
 
 JOB = REPO / "jobs" / "upscale_catalog.py"
@@ -71,12 +70,8 @@ class Job:
 
 
 def manifest_rows(output: Location):
-    """Every committed manifest row under ``output``, as a pandas frame."""
-    manifests = Location(output.url(MANIFEST_DIR), output.storage_options)
-    parts = [manifests.path(entry.relative) for entry in manifests.list(include=["**/part-*.parquet"])]
-    if not parts:
-        return SCHEMA.empty_table().to_pandas()
-    return pads.dataset(parts, schema=SCHEMA, format="parquet", filesystem=manifests.fs).to_table().to_pandas()
+    """Every run's manifest rows under ``output`` (each once), as a pandas frame."""
+    return read_manifests(output).to_pandas()
 
 
 def upload(location: Location, files: dict[str, bytes]) -> None:
