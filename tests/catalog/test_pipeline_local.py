@@ -115,7 +115,7 @@ def test_output_is_independent_of_batching_and_actor_count(ray_local, catalog):
 def test_output_inside_input_is_refused_before_any_work(ray_local, catalog):
     from pipeline.config import ConfigError
 
-    source, _, _ = catalog
+    source, _, files = catalog
     with pytest.raises(ConfigError, match="inside input.uri"):
         run(job_config(str(source), str(source / "upscaled")))
     assert not (source / "upscaled").exists()
