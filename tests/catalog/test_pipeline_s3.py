@@ -124,7 +124,10 @@ def test_s3_throttling_is_retried_with_backoff(ray_local, bucket, s3_options, s3
     # every object request (source reads, output and manifest writes, their HEADs) is refused twice, then served;
     # manifest reads are spared here: see test_manifest_reads_survive_throttling
     throttle = first_attempts(2)
-    policy = lambda method, path: None if "/_manifests/" in path and method != "PUT" else throttle(method, path)  # noqa: E731
+
+    def policy(method: str, path: str) -> str | None:
+        return None if "/_manifests/" in path and method != "PUT" else throttle(method, path)
+
     with FaultProxy(s3_server, policy) as proxy:
         options = {**s3_options, "endpoint_url": proxy.url, **ONE_ATTEMPT}
         assert run_job(validate_config(s3_config(bucket, options))) == EXIT_OK
