@@ -329,17 +329,24 @@ def main() -> None:
                      "torch": torch.__version__, "dtype": str(dtype), "tiny": args.tiny,
                      "config": {k: v for k, v in config.items() if k != "dual_attention_layers"}}
     print(f"{'tiny' if args.tiny else 'full-size'} DiT4SR on {name}, {dtype}", flush=True)
+
+    def save() -> None:  # after every section: a run cut short (a device lease's time limit) keeps what it measured
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as handle:
+                json.dump(figures, handle, indent=2, default=str)
+
     size = 8192 if device.type == "cuda" else 1024
     figures["peak"] = matmul_peak(device, dtype, size, args.repeats)
     print(f"  matmul {size}^3: {figures['peak']['tflops']:.4g} TFLOP/s", flush=True)
     figures["transformer"] = bench_transformer(args, config, device, dtype, figures["peak"]["tflops"])
+    save()
     figures["compile_shapes"] = bench_compile_shapes(args, config)
+    save()
     if args.pipeline_sizes:
         figures["pipeline"] = bench_pipeline(args, config, device, dtype)
+        save()
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(figures, handle, indent=2, default=str)
         print(f"wrote {args.json}")
 
 

@@ -36,8 +36,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
 BUSY_DIR_ENV = "PIPELINE_OVERHEAD_BUSY_DIR"
 SECONDS_PER_MEGAPIXEL_ENV = "PIPELINE_OVERHEAD_SECONDS_PER_MP"
-# Logical CPUs for Ray: the simulated engine sleeps, so actors and I/O tasks need slots, not cores.
-RAY_CPUS = 16
+# Logical CPUs for Ray: 4 actors + read/write tasks. More slots only start more worker processes at once, which
+# thrashes a small machine (Ray starts up to num_cpus workers concurrently).
+RAY_CPUS = 6
 
 
 class SimulatedEngine:

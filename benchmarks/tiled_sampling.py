@@ -141,6 +141,7 @@ def main() -> None:
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
+                print(f"  {name}: {times[name][-1]:.2f} s", flush=True)
     difference = (results["ours"] - results["official"]).abs().max().item()
     medians = {name: statistics.median(values) for name, values in times.items()}
     figures = {
