@@ -46,6 +46,9 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
     """
     source, output = locations(cfg)
     batch_size = cfg.compute.batch_size
+    # Ray Data fails a dataset that moves no block for 30 minutes; one batch of film segments on one GPU (or a
+    # large photo on a CPU) legitimately takes longer, and a stuck actor is Ray's to restart, not a job failure.
+    ray.data.DataContext.get_current().execution_no_progress_timeout_s = -1
     pending = ray.data.from_items(plan.todo, override_num_blocks=max(1, math.ceil(len(plan.todo) / batch_size)))
     fetched = pending.map_batches(
         read_sources, fn_kwargs={"input_location": source}, batch_format="pyarrow", batch_size=batch_size,
