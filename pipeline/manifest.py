@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .storage import Location
+from .storage import Location, with_retries
 
 MANIFEST_DIR = "_manifests"
 
@@ -198,9 +198,10 @@ def read_files(output: Location, keys: list[str], columns: list[str] | None = No
     if not keys:
         return SCHEMA.empty_table().select(columns or COLUMNS)
     manifests = Location(output.url(MANIFEST_DIR), output.storage_options)
-    dataset = pads.dataset([manifests.path(key) for key in keys], schema=SCHEMA, format="parquet",
-                           filesystem=manifests.fs)
-    return dataset.to_table(columns=columns, filter=where)
+    # pyarrow reads through fsspec without our retry layer: a throttled read is retried as a whole.
+    return with_retries(lambda: pads.dataset([manifests.path(key) for key in keys], schema=SCHEMA,
+                                             format="parquet", filesystem=manifests.fs
+                                             ).to_table(columns=columns, filter=where))
 
 
 def commit_run(output: Location, run_id: str) -> None:

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import manifest
-from .storage import Location
+from .storage import Location, with_retries
 
 log = logging.getLogger("pipeline")
 
@@ -67,14 +67,16 @@ _DONE = pc.field("status").isin(["ok", "staged"])
 # -- the unit state ------------------------------------------------------------------------------------------------
 def read_state(output: Location, columns: list[str] | None = None) -> tuple[pa.Table, set[str]]:
     """The state's rows and the runs folded into it (none yet: an empty table)."""
+    def read() -> tuple[pa.Table, set[str]]:
+        with output.fs.open(output.path(STATE_KEY), "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            folded = set(json.loads((parquet.schema_arrow.metadata or {}).get(_FOLDED, b"[]")))
+            return parquet.read(columns=columns), folded
+
     try:
-        handle = output.fs.open(output.path(STATE_KEY), "rb")
+        return with_retries(read)  # pyarrow reads through fsspec without our retry layer
     except FileNotFoundError:
         return manifest.SCHEMA.empty_table().select(columns or manifest.COLUMNS), set()
-    with handle:
-        parquet = pq.ParquetFile(handle)
-        folded = set(json.loads((parquet.schema_arrow.metadata or {}).get(_FOLDED, b"[]")))
-        return parquet.read(columns=columns), folded
 
 
 def _with_unit_keys(table: pa.Table) -> pa.Table:
@@ -175,7 +177,8 @@ def read_runs(output: Location) -> pa.Table:
     entries = Location(output.url(RUNS_DIR), output.storage_options).list(include=["*.parquet"])
     if not entries:
         return RUNS_SCHEMA.empty_table()
-    tables = [pq.read_table(output.fs.open(output.path(f"{RUNS_DIR}/{entry.relative}"), "rb"))
+    tables = [with_retries(lambda key=entry.relative: pq.read_table(output.fs.open(output.path(f"{RUNS_DIR}/{key}"),
+                                                                                    "rb")))
               for entry in entries]
     return pa.concat_tables(tables).sort_by("run_id")
 

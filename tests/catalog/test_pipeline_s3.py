@@ -141,9 +141,6 @@ def test_s3_throttling_is_retried_with_backoff(ray_local, bucket, s3_options, s3
     assert sorted(rows.source_key) == sorted(files) and set(rows.status) == {"ok"}
 
 
-@pytest.mark.xfail(strict=True, reason="manifest and state files are read through pyarrow/fsspec without "
-                   "pipeline.storage.with_retries (manifest.read_manifests / compaction, state.read_state): a 503 "
-                   "there fails the run once botocore's own retries are used up")
 def test_manifest_reads_survive_throttling(bucket, s3_options, s3_server):
     with FaultProxy(s3_server, first_attempts(2, methods=("GET", "HEAD"))) as proxy:
         output = Location(f"s3://{bucket}/out", {**s3_options, "endpoint_url": proxy.url, **ONE_ATTEMPT})
