@@ -94,7 +94,9 @@ def utcnow() -> dt.datetime:
 
 
 def new_run_id() -> str:
-    return f"{utcnow():%Y%m%dT%H%M%S}Z-{uuid.uuid4().hex[:6]}"
+    """Sorts in start order: runs on one output are serialised by its lease, so milliseconds never tie."""
+    now = utcnow()
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{uuid.uuid4().hex[:6]}"
 
 
 def empty_row(**values: Any) -> dict[str, Any]:

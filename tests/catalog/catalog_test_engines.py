@@ -97,7 +97,8 @@ def faulty_by_width(settings: dict) -> _FaultyByWidth:
 
 class _NodeMarked(_Slow):
     """Slow, and leaves ``start-<node>-<pid>-<n>`` before each image and ``done-<node>-<pid>-<n>`` after it, so a
-    test can see which node holds work in flight."""
+    test can see which node holds work in flight. While a ``hold`` marker exists no image finishes, so work seen
+    in flight stays in flight until the test lets it go."""
 
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
         import ray
@@ -105,6 +106,8 @@ class _NodeMarked(_Slow):
         name = f"{ray.get_runtime_context().get_node_id()}-{os.getpid()}-{self.calls}"
         _marker(f"start-{name}").write_text("")
         result = super().upscale(image, seed=seed, prompt=prompt)
+        while _marker("hold").exists():
+            time.sleep(0.01)
         _marker(f"done-{name}").write_text("")
         return result
 

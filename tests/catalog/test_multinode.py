@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import threading
 import time
 
@@ -43,9 +46,10 @@ def _in_flight(marker_dir) -> dict[str, int]:
 @pytest.mark.slow
 def test_work_spreads_over_nodes_and_survives_losing_one(cluster, marker_dir, tmp_path, monkeypatch):
     cluster, workers = cluster
-    monkeypatch.setenv("CATALOG_TEST_SLOW_S", "0.5")  # long enough for a batch to be caught in flight
-    for stale in [*marker_dir.glob("start-*"), *marker_dir.glob("done-*")]:
-        stale.unlink()
+    monkeypatch.setenv("CATALOG_TEST_SLOW_S", "0.2")
+    hold = marker_dir / "hold"  # while it exists no image finishes (catalog_test_engines._NodeMarked)
+    for stale in [*marker_dir.glob("start-*"), *marker_dir.glob("done-*"), hold]:
+        stale.unlink(missing_ok=True)
     files = small_catalog(24)
     write_catalog(tmp_path / "in", files)
     config = job_config(str(tmp_path / "in"), str(tmp_path / "out"),
@@ -58,17 +62,26 @@ def test_work_spreads_over_nodes_and_survives_losing_one(cluster, marker_dir, tm
     runner.start()
     by_id = {node.node_id: node for node in workers}
     deadline = time.monotonic() + 240
-    # a worker node with an actor in the middle of an image, after some batches were committed elsewhere
-    while True:
-        assert runner.is_alive(), "the job finished before a node could be removed"
-        assert time.monotonic() < deadline, "timed out waiting for work in flight"
-        busy = [node for node, count in _in_flight(marker_dir).items() if count and node in by_id]
-        if busy and len(list(marker_dir.glob("done-*"))) >= 4:
-            break
-        time.sleep(0.02)
-    lost = busy[0]
-    cluster.remove_node(by_id[lost], allow_graceful=False)  # its raylet and every process on it killed at once
+    # a worker node with an actor in the middle of an image, after some images were finished elsewhere; the hold
+    # keeps that image unfinished until its node is gone
+    def wait_for(condition, what: str):
+        while not condition():
+            assert runner.is_alive(), f"the job finished before {what}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.02)
+
+    wait_for(lambda: len(list(marker_dir.glob("done-*"))) >= 4, "four images were finished")
+    hold.write_text("")
+    wait_for(lambda: any(node in by_id for node in _in_flight(marker_dir)), "work in flight on a worker node")
+    lost = next(node for node in _in_flight(marker_dir) if node in by_id)
+    # the machine vanishes: its workers and its raylet SIGKILLed at once (remove_node alone kills the raylet and
+    # leaves a worker long enough to deliver the image it holds straight to the driver)
+    for pid in {int(path.name.split("-")[2]) for path in marker_dir.glob(f"start-{lost}-*")}:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    cluster.remove_node(by_id[lost], allow_graceful=False)
     assert _in_flight(marker_dir).get(lost), "the removed node held no work in flight"
+    hold.unlink()
     runner.join(timeout=300)
     assert not runner.is_alive() and result["summary"]["ok"] == len(files)
 
