@@ -1,4 +1,5 @@
-"""Finishing clips, once every segment of one is staged (the driver calls these as segments come in).
+"""Finishing clips, once every segment of one is staged (``ClipFinisher``, on the driver, calls these as segments
+come in).
 
 * A video: its staged segment files are remuxed — packets copied, no second encode — with every audio and
   subtitle packet of the source into the output, built in a local temp file and committed atomically under its
@@ -16,8 +17,12 @@ import os
 import tempfile
 from typing import Any
 
+import ray
+
 from . import manifest
+from .config import JobConfig
 from .media import video
+from .plan import Clip, Plan, locations
 from .storage import Location
 
 
@@ -111,3 +116,58 @@ def remove_staged(output: Location, keys: list[str]) -> None:
         for folder in {os.path.dirname(output.path(key)) for key in keys}:
             with contextlib.suppress(OSError):
                 os.removedirs(folder)
+
+
+class ClipFinisher:
+    """Driver side: collects staged segments per clip and finishes each clip once all of them are staged —
+    videos in a Ray task (assembly reads the source's audio and writes the output), sequences right here."""
+
+    def __init__(self, plan: Plan, cfg: JobConfig):
+        self.clips, self.run_id = plan.clips, plan.run_id
+        self.source, self.output = locations(cfg)
+        self.pending: dict[ray.ObjectRef, Clip] = {}
+        self.finished: list[dict[str, Any]] = []
+        self._finish = ray.remote(finish_video).options(num_cpus=1)
+        for clip in self.clips.values():  # clips whose segments were all staged by earlier runs
+            self._maybe_finish(clip)
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["unit"] != "segment":
+                continue
+            clip = self.clips[row["source_key"]]
+            if row["status"] == "staged":
+                clip.staged[row["unit_key"]] = row
+                self._maybe_finish(clip)
+            elif clip.row.get("status") is None:  # the clip fails with its first failed segment
+                frames = f"frames {row['frame_start']}-{row['frame_stop'] - 1}"
+                self._commit({**clip.row, "status": "failed", "error_type": row["error_type"],
+                              "error_message": f"{frames}: {row['error_message']}"[:2000]})
+        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+        self._collect(ready)
+
+    def wait(self) -> list[dict[str, Any]]:
+        self._collect(list(self.pending))
+        return self.finished
+
+    def _maybe_finish(self, clip: Clip) -> None:
+        if not clip.complete or clip.row.get("status") is not None:
+            return
+        clip.row["status"] = "finishing"
+        segments = [clip.staged[key] for key in clip.segment_keys]
+        if clip.index is None:
+            self._commit(finish_sequence(clip.row, segments))
+        else:
+            self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output)] = clip
+
+    def _collect(self, refs: list[ray.ObjectRef]) -> None:
+        for ref, row in zip(refs, ray.get(refs)):
+            clip = self.pending.pop(ref)
+            self._commit(row)
+            if row["status"] == "ok":
+                remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys])
+
+    def _commit(self, row: dict[str, Any]) -> None:
+        self.clips[row["source_key"]].row["status"] = row["status"]
+        manifest.write_part(self.output, self.run_id, [row])  # after the clip's output: rows follow outputs
+        self.finished.append(row)

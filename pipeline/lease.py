@@ -31,7 +31,7 @@ from fsspec.asyn import sync
 
 from dit4sr.storage import temp_name, write_atomic
 
-from .config import LockConfig
+from .config import ConfigError, LockConfig
 from .manifest import MANIFEST_DIR
 from .preflight import location_error
 from .storage import Location, service_error, with_retries
@@ -174,7 +174,7 @@ def _store(location: Location) -> _S3Store | _LocalStore:
         return _LocalStore(location)
     if hasattr(location.fs, "call_s3"):
         return _S3Store(location)
-    raise NotImplementedError(
+    raise ConfigError(
         f"run.lock: no atomic create-if-absent for {type(location.fs).__name__} ({location.uri}); "
         "set run.lock.enabled: false and make sure runs over this output never overlap")
 
@@ -198,7 +198,7 @@ class RunLease:
         try:
             self._store = _store(self.output)
             self._acquire()
-        except (RunLocked, NotImplementedError):
+        except (RunLocked, ConfigError):
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. a missing output bucket: one line naming it
             raise location_error("output.uri", self.output.uri, exc) from exc

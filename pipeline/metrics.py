@@ -18,12 +18,10 @@ import sys
 import time
 from typing import Any
 
-import pyarrow as pa
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from .config import JobConfig
 from .engine import tiles_per_frame
-from .upscaler import Upscaler
 
 SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 
@@ -90,12 +88,8 @@ def gpu_memory_peak() -> int | None:
     return max(torch.cuda.max_memory_allocated(device) for device in range(torch.cuda.device_count()))
 
 
-class MeteredUpscaler(Upscaler):
-    """The upscaling actor, publishing its GPU memory peak after each batch."""
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        result = super().__call__(batch)
-        peak = gpu_memory_peak()
-        if peak is not None:
-            _instruments()["gpu_peak"].set(peak)
-        return result
+def publish_gpu_memory_peak() -> None:
+    """Called by the upscaling actor after each batch; nothing is published where CUDA was never used."""
+    peak = gpu_memory_peak()
+    if peak is not None:
+        _instruments()["gpu_peak"].set(peak)

@@ -364,6 +364,12 @@ class _Planner:
         prefix = self.staging_prefix(source_key) + "/"
         self.plan.stale_staging += [key for key in self.existing if key.startswith(prefix)]
 
+    def sweep_orphaned_staging(self, videos: list[Entry]) -> None:
+        """Staged segments of videos no longer listed (deleted, renamed, excluded) will never be assembled."""
+        listed = {self.staging_prefix(entry.relative) + "/" for entry in videos}
+        self.plan.stale_staging += [key for key in self.existing if key.startswith(STAGING_DIR + "/")
+                                    and key[:key.rindex("/") + 1] not in listed]
+
     def add_clip(self, row: dict[str, Any], segments: list[dict[str, Any]], **facts: Any) -> None:
         clip = Clip(row=row, segment_keys=[s["unit_key"] for s in segments], staged={}, **facts)
         for segment in segments:
@@ -388,6 +394,7 @@ def make_plan(cfg: JobConfig, spec: RunSpec) -> Plan:
     for entry in images:
         planner.add_image(entry)
     planner.add_videos(videos)
+    planner.sweep_orphaned_staging(videos)
     for sequence in sequences:
         planner.add_sequence(sequence)
     return planner.plan

@@ -22,11 +22,11 @@ from .config import JobConfig
 from .engine import engine_kind, engine_run_settings, model_root, resolve_settings, texts_to_encode
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .lease import RunLease, RunLocked
-from .metrics import MeteredUpscaler, RunMetrics
-from .clips import finish_sequence, finish_video, remove_staged
-from .plan import Clip, Plan, estimate, locations, make_plan
+from .metrics import RunMetrics
+from .clips import ClipFinisher, remove_staged
+from .plan import Plan, estimate, locations, make_plan
 from .spec import RunSpec
-from .upscaler import read_sources, write_outputs
+from .upscaler import Upscaler, read_sources, write_outputs
 
 log = logging.getLogger("pipeline")
 
@@ -54,7 +54,7 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
         read_sources, fn_kwargs={"input_location": source}, batch_format="pyarrow", batch_size=batch_size,
         num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
     upscaled = fetched.map_batches(
-        MeteredUpscaler,
+        Upscaler,
         fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max),
         num_gpus=cfg.compute.gpus_per_actor, num_cpus=cfg.compute.cpus_per_actor,
@@ -146,61 +146,6 @@ def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
     log.info("run %s (config %s): %d units to process (%d clips), %d already done, %d rejected", plan.run_id,
              plan.fingerprint, len(plan.todo), len(plan.clips), len(plan.skipped), len(plan.rejected))
     return plan
-
-
-class ClipFinisher:
-    """Driver side: collects staged segments per clip and finishes each clip once all of them are staged —
-    videos in a Ray task (assembly reads the source's audio and writes the output), sequences right here."""
-
-    def __init__(self, plan: Plan, cfg: JobConfig):
-        self.clips, self.run_id = plan.clips, plan.run_id
-        self.source, self.output = locations(cfg)
-        self.pending: dict[ray.ObjectRef, Clip] = {}
-        self.finished: list[dict[str, Any]] = []
-        self._finish = ray.remote(finish_video).options(num_cpus=1)
-        for clip in self.clips.values():  # clips whose segments were all staged by earlier runs
-            self._maybe_finish(clip)
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            if row["unit"] != "segment":
-                continue
-            clip = self.clips[row["source_key"]]
-            if row["status"] == "staged":
-                clip.staged[row["unit_key"]] = row
-                self._maybe_finish(clip)
-            elif clip.row.get("status") is None:  # the clip fails with its first failed segment
-                frames = f"frames {row['frame_start']}-{row['frame_stop'] - 1}"
-                self._commit({**clip.row, "status": "failed", "error_type": row["error_type"],
-                              "error_message": f"{frames}: {row['error_message']}"[:2000]})
-        ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
-        self._collect(ready)
-
-    def wait(self) -> list[dict[str, Any]]:
-        self._collect(list(self.pending))
-        return self.finished
-
-    def _maybe_finish(self, clip: Clip) -> None:
-        if not clip.complete or clip.row.get("status") is not None:
-            return
-        clip.row["status"] = "finishing"
-        segments = [clip.staged[key] for key in clip.segment_keys]
-        if clip.index is None:
-            self._commit(finish_sequence(clip.row, segments))
-        else:
-            self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output)] = clip
-
-    def _collect(self, refs: list[ray.ObjectRef]) -> None:
-        for ref, row in zip(refs, ray.get(refs)):
-            clip = self.pending.pop(ref)
-            self._commit(row)
-            if row["status"] == "ok":
-                remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys])
-
-    def _commit(self, row: dict[str, Any]) -> None:
-        self.clips[row["source_key"]].row["status"] = row["status"]
-        manifest.write_part(self.output, self.run_id, [row])  # after the clip's output: rows follow outputs
-        self.finished.append(row)
 
 
 def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:

@@ -180,7 +180,7 @@ def read_runs(output: Location) -> pa.Table:
     tables = [with_retries(lambda key=entry.relative: pq.read_table(output.fs.open(output.path(f"{RUNS_DIR}/{key}"),
                                                                                     "rb")))
               for entry in entries]
-    return pa.concat_tables(tables).sort_by("run_id")
+    return pa.concat_tables(tables).sort_by([("started_at", "ascending"), ("run_id", "ascending")])
 
 
 def _record_unrecorded(output: Location, files: manifest.RunFiles) -> None:

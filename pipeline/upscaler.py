@@ -26,6 +26,7 @@ from PIL import Image
 from . import manifest, media
 from .engine import Engine, load_engine, upscale_frames
 from .media import video
+from .metrics import publish_gpu_memory_peak
 from .plan import derive_seed
 from .spec import RunSpec
 from .storage import Location, UnsafeKeyError
@@ -155,6 +156,7 @@ class Upscaler:
         if chosen:
             for row in rows:
                 row["engine_settings"] = json.dumps(chosen, sort_keys=True)
+        publish_gpu_memory_peak()
         return _table(rows)
 
     def _upscale(self, row: dict[str, Any]) -> dict[str, Any]:

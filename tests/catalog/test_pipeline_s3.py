@@ -8,7 +8,6 @@ import logging
 import urllib.parse
 
 import boto3
-import pytest
 import pyarrow.dataset as pads
 import s3fs
 from catalog_support import image_bytes, job_config, small_catalog
@@ -19,7 +18,6 @@ from pipeline import manifest
 from pipeline.config import validate_config
 from pipeline.manifest import MANIFEST_DIR
 from pipeline.run import EXIT_OK, execute, prepare, run_job
-from pipeline.storage import Location
 from pipeline.state import read_runs
 from pipeline.storage import Location
 

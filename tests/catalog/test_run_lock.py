@@ -13,10 +13,9 @@ from catalog_support import job_config, small_catalog
 from ops_engines import gate_path
 from ops_support import Job, manifest_rows, session_ray_address, upload
 
-from pipeline.config import LockConfig, validate_config
+from pipeline.config import ConfigError, LockConfig, validate_config
 from pipeline.lease import LEASE_KEY, RunLease, RunLocked
 from pipeline.run import EXIT_LOCKED, EXIT_OK, run_job
-from pipeline.state import read_runs
 from pipeline.storage import Location
 
 
@@ -50,6 +49,12 @@ def test_a_live_lease_keeps_a_second_run_out_until_released(store):
     assert lease_record(output) is None  # released
     with RunLease(output, LockConfig()):
         pass
+
+
+def test_a_store_without_atomic_create_is_a_config_error_naming_the_way_out():
+    with pytest.raises(ConfigError, match=r"run\.lock: no atomic create-if-absent .*memory://out.*"
+                                          r"set run\.lock\.enabled: false"):
+        RunLease(Location("memory://out", {}), LockConfig()).__enter__()
 
 
 def test_the_holder_renews_its_lease(store):

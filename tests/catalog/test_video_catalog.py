@@ -52,8 +52,6 @@ def video_stream_facts(path: pathlib.Path) -> dict:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         context = stream.codec_context
-        first = next(container.decode(stream))
-        matrix = next((d for d in first.side_data if "DISPLAY" in str(d.type).upper()), None)
         # yuvj* is FFmpeg's deprecated spelling of a full-range tag: the range is compared on its own.
         return {"size": (stream.width, stream.height), "pix_fmt": context.pix_fmt.replace("yuvj", "yuv"),
                 "range": context.color_range, "primaries": context.color_primaries, "trc": context.color_trc,
@@ -201,6 +199,20 @@ def test_video_settings_redo_videos_only_and_segment_length_is_a_video_setting(r
         {"clip.mp4": "ok", "photo.png": "skipped"}
     assert latest_run(video_config(tmp_path)) == {"clip.mp4": "ok", "photo.png": "skipped"}
     assert (tmp_path / "out" / "clip.mp4").read_bytes() == first  # same settings, same bytes
+
+
+def test_staged_segments_of_videos_no_longer_listed_are_swept(ray_local, tmp_path):
+    """A film deleted (or renamed) after some of its segments were staged: they would never be assembled."""
+    (tmp_path / "in").mkdir()
+    video_clips.moving_clip(tmp_path / "in", "kept.mp4")
+    staging = tmp_path / "out" / "_staging"
+    orphans = [staging / "deleted.mp4" / "000000000-000000005.nut", staging / "tapes" / "old.mp4" / "0-5.nut"]
+    for path in orphans:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"a staged segment")
+    assert run_job(validate_config(video_config(tmp_path))) == EXIT_OK
+    assert (tmp_path / "out" / "kept.mp4").exists()
+    assert not any(path.exists() for path in orphans) and not list(staging.rglob("*.nut"))
 
 
 def test_videos_and_sequences_on_s3(ray_local, bucket, s3_options, tmp_path):
