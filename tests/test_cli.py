@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dit4sr.cli import main
+import torch
+
+from dit4sr.cli import main, should_compile
 
 
 def _image(path, size=(20, 16), seed=0, mode="RGB"):
@@ -131,3 +133,15 @@ def test_video_input_keeps_container_frames_and_audio(tmp_path, capsys):
     # a static clip with one noise field: every output frame is the same picture (up to the codec's rounding)
     assert max(np.abs(f.astype(int) - frames[0].astype(int)).mean() for f in frames) < 1.0
     assert not _partials(tmp_path / "out")
+
+
+@pytest.mark.parametrize("choice, device, compiled", [
+    ("auto", "cuda", True), ("auto", "cpu", False), ("on", "cpu", True), ("off", "cuda", False)])
+def test_compile_is_on_by_default_where_the_pipeline_runs_on_cuda(choice, device, compiled):
+    assert should_compile(choice, torch.device(device)) is compiled
+
+
+def test_compile_off_runs_eager(tmp_path, inputs, tiny_model_root):
+    assert main([str(inputs / "a.png"), "-o", str(tmp_path / "out"), "--model", str(tiny_model_root),
+                 "--compile", "off", "--quiet"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (80, 64)
