@@ -191,6 +191,8 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False) -> int:
         with lock:  # held from before planning until the summary is written
             if cfg.run.lock.enabled:  # only a lock holder may tidy what earlier runs left
                 state.recover(locations(cfg)[1])
+            else:  # old enough to belong to no live writer, whoever runs beside this run
+                state.sweep_stale_temps(locations(cfg)[1])
             return state.exit_code_of(execute(prepare(cfg), cfg))
     except RunLocked as exc:
         log.error("%s", exc)

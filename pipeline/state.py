@@ -223,6 +223,8 @@ def sweep_stale_temps(output: Location, max_age_s: float = STALE_TEMP_AGE_S) -> 
             if _TEMP.match(name) and os.lstat(path).st_mtime < cutoff:
                 os.remove(path)
                 swept.append(os.path.relpath(path, output.root).replace(os.sep, "/"))
+    if swept:
+        log.info("removed %d temp file(s) left by killed writes, e.g. %s", len(swept), swept[0])
     return swept
 
 
@@ -241,6 +243,4 @@ def recover(output: Location) -> None:
     folded = fold(output)
     if folded:
         log.info("folded %d run(s) into the manifest state: %s", len(folded), ", ".join(folded))
-    swept = sweep_stale_temps(output)
-    if swept:
-        log.info("removed %d temp file(s) left by killed writes, e.g. %s", len(swept), swept[0])
+    sweep_stale_temps(output)

@@ -6,6 +6,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib
+import shutil
+import tempfile
+
+# Ray state of this test session only: a job's plain ray.init() joins the cluster recorded under Ray's temp
+# folder, which must be this session's Ray, never another test session's on the same machine. Kept short: Ray's
+# socket paths live below it.
+_RAY_TMPDIR = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+os.environ.setdefault("RAY_TMPDIR", _RAY_TMPDIR or "")
 
 import pytest
 from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
@@ -42,3 +50,8 @@ def few_torch_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_unconfigure(config):
+    if _RAY_TMPDIR:
+        shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)

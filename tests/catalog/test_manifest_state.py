@@ -150,6 +150,19 @@ def test_stale_temp_files_are_swept_only_when_old_and_only_under_the_output(tmp_
     assert fresh.exists() and outside.exists() and lookalike.exists() and staged.exists()
 
 
+@pytest.mark.parametrize("lock", [True, False])
+def test_the_next_run_sweeps_temp_files_a_killed_write_left(ray_local, tmp_path, lock):
+    source, output = tmp_path / "in", tmp_path / "out"
+    write_catalog(source, small_catalog(2))
+    killed_write = output / "album" / f".photo.png.{uuid.uuid4().hex}.tmp"
+    killed_write.parent.mkdir(parents=True)
+    killed_write.write_bytes(b"partial")
+    old = time.time() - 2 * state.STALE_TEMP_AGE_S
+    os.utime(killed_write, (old, old))
+    assert run(job_config(str(source), str(output), run={"lock": {"enabled": lock}})) == EXIT_OK
+    assert not killed_write.exists()
+
+
 def test_what_did_last_night_do_is_one_query(ray_local, tmp_path):
     source, output = tmp_path / "in", tmp_path / "out"
     write_catalog(source, {**small_catalog(3), "broken.png": b"", "bad/x.png": b"not a png"})
