@@ -64,15 +64,17 @@ def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: vid
     """Ray task: assemble and commit one video; returns its manifest row (``failed`` on any error)."""
     row = {**row, "started_at": manifest.utcnow()}
     temp = output.temp_path(row["output_key"])
+    step = "assembly_failed"
     try:
         with _local_segments(output, [s["output_key"] for s in segments]) as paths, \
                 source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 22) as handle:
             stats = video.assemble(handle, paths, temp, index, row["source_key"],
                                    container=os.path.splitext(row["output_key"])[1])
         sha256 = _sha256_file(temp)
+        step = "write_failed"
         written = output.commit_file(row["output_key"], temp)
     except Exception as exc:  # noqa: BLE001 - this clip fails alone; its staged segments stay for a re-run
-        error_type = getattr(exc, "error_type", "assembly_failed")
+        error_type = getattr(exc, "error_type", step)
         row.update(status="failed", error_type=error_type, error_message=f"{type(exc).__name__}: {exc}"[:2000])
     else:
         row.update(status="ok", output_sha256=sha256, output_size=written.size,

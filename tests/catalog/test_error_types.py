@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 import sys
 
 import numpy as np
@@ -57,6 +56,7 @@ EXPECTED = {  # source -> error_type (engine behaviours: catalog_test_engines.fa
     "bad/too_large_for_format.png": "too_large_for_format",  # 32760 px wide: 65520 px as JPEG, limit 65500
     "bad/write_failed.png": "write_failed",  # a folder occupies its output key
     "oom.mp4": "out_of_memory",  # video segments: 22 px, out of memory
+    "blocked.mp4": "write_failed",  # its segments upscale fine; a folder occupies the assembled film's key
     "crash/f_%03d.png": "engine_failed",  # sequence segments: 11 px frames, the engine raises
 }
 
@@ -80,6 +80,7 @@ def test_every_error_type_fails_alone_beside_good_batch_mates(ray_local, tmp_pat
         **{f"reel/f_{i:03d}.png": image_bytes(8, 6, seed=40 + i) for i in (1, 2, 3)},
     })
     video_clips.write_clip(source / "oom.mp4", frames=4, size=(22, 16))
+    video_clips.write_clip(source / "blocked.mp4", frames=4, size=(8, 6))
     config = job_config(str(source), str(tmp_path / "out"), model={"path": "catalog_test_engines:faulty_by_width"},
                         output={"format": "jpeg"},
                         video={"segment_seconds": 0.08, "sequence_folders": ["crash", "reel"]},
@@ -93,6 +94,7 @@ def test_every_error_type_fails_alone_beside_good_batch_mates(ray_local, tmp_pat
     (source / "bad/read_failed.png").mkdir()
     (tmp_path / "out/bad/write_failed.jpg").mkdir(parents=True)
     (tmp_path / "out/bad/write_failed.jpg/occupied").write_bytes(b"")
+    (tmp_path / "out/blocked.mp4").mkdir()
     summary = execute(plan, cfg)
     assert (summary["ok"], summary["failed"]) == (len(good) + 1, len(EXPECTED))
 
@@ -117,4 +119,3 @@ def test_every_error_type_fails_alone_beside_good_batch_mates(ray_local, tmp_pat
     # nothing of a failed unit is presented as an output
     assert [p.name for p in (tmp_path / "out/bad").iterdir()] == ["write_failed.jpg"]  # the blocking folder only
     assert not (tmp_path / "out/oom.mp4").exists() and not (tmp_path / "out/crash").exists()
-    shutil.rmtree(tmp_path / "out/bad/write_failed.jpg")

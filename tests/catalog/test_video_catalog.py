@@ -128,6 +128,7 @@ def test_bad_videos_and_sequences_fail_alone(ray_local, tmp_path):
     video_clips.zero_frame_clip(clips, "zero.mkv")
     corrupt, _ = video_clips.corrupt_packet_clip(clips, "corrupt.mkv")
     video_clips.unsupported_codec_clip(clips, "avs2.mkv")
+    (clips / "notes.mp4").write_text("minutes of the restoration meeting\n" * 20)
     video_clips.write_clip(clips / "long.mp4", frames=75)  # 3 s, above the limit below
     video_clips.write_clip(clips / "huge.mp4", size=(160, 96))  # above the output pixel limit below
     write_catalog(clips, {**{f"gap/f_{i:03d}.png": image_bytes(8, 8, seed=i) for i in (1, 2, 4)},
@@ -139,7 +140,7 @@ def test_bad_videos_and_sequences_fail_alone(ray_local, tmp_path):
     final = rows[rows.unit != "segment"].set_index("source_key")
     assert final.loc["good.mp4"].status == "ok"
     expected = {"truncated.mp4": "truncated", "audio_only.mp4": "no_video_stream", "zero.mkv": "zero_frames",
-                "corrupt.mkv": "corrupt", "avs2.mkv": "unsupported_codec", "long.mp4": "too_long",
+                "corrupt.mkv": "corrupt", "avs2.mkv": "unsupported_codec", "notes.mp4": "not_a_video", "long.mp4": "too_long",
                 "huge.mp4": "output_too_large", "gap/f_%03d.png": "sequence_gap",
                 "mixed/f_%03d.png": "sequence_mixed_sizes"}
     failed = final[final.status == "failed"]
