@@ -291,17 +291,16 @@ class _Planner:
             error_type = getattr(index, "error_type", "read_failed" if isinstance(index, OSError) else "corrupt")
             self.reject(row, error_type, f"{type(index).__name__}: {index}")
             return
-        scale, limits = self.spec.scale, self.cfg.limits
+        limits = self.cfg.limits
         row.update(width=index.width, height=index.height, source_format=f"{index.container}/{index.codec}",
                    frames_in=index.frames, duration_in=index.duration)
         if limits.max_video_seconds is not None and index.duration > limits.max_video_seconds:
             self.reject(row, "too_long", f"{index.duration:.1f} s is longer than limits.max_video_seconds="
                                          f"{limits.max_video_seconds}")
             return
-        if index.width * index.height * scale * scale > self.spec.max_output_pixels:
-            self.reject(row, "output_too_large",
-                        f"{index.width}x{index.height} at x{scale} is {index.width * index.height * scale * scale} "
-                        f"output pixels per frame, above limits.max_output_pixels={self.spec.max_output_pixels}")
+        too_large = self.spec.output_size_error(index.width, index.height)
+        if too_large:
+            self.reject(row, "output_too_large", f"per frame: {too_large}")
             return
         try:
             extension = video.output_container(entry.relative, index, self.spec.video["codec"])

@@ -172,12 +172,10 @@ class Upscaler:
             return _fail(row, exc.error_type, exc)
 
     def _check_output_size(self, row: dict[str, Any], width: int, height: int) -> bool:
-        scale = self.spec.scale
-        if width * height * scale * scale <= self.spec.max_output_pixels:
-            return True
-        _fail(row, "output_too_large", f"{width}x{height} at x{scale} is {width * height * scale * scale} output "
-                                       f"pixels, above limits.max_output_pixels={self.spec.max_output_pixels}")
-        return False
+        error = self.spec.output_size_error(width, height)
+        if error:
+            _fail(row, "output_too_large", error)
+        return error is None
 
     def _upscale_checked(self, row: dict[str, Any], frames: list[np.ndarray], seeds: list[int]
                          ) -> list[np.ndarray] | None:

@@ -7,11 +7,11 @@ import pathlib
 
 import pyarrow.parquet as pq
 import pytest
-from catalog_support import REPO, image_bytes, job_config, small_catalog, write_catalog
+from catalog_support import REPO, image_bytes, job_config, manifests, small_catalog, write_catalog
 
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
-from pipeline.run import EXIT_OK, run_job
+from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
 
 RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_size": 8, "tile_overlap": 4,
                "process_size": 16, "color_fix": "adain"}
@@ -135,6 +135,17 @@ def _official_arrangement(combined: pathlib.Path, base: pathlib.Path, dit4sr_roo
 
 
 @pytest.mark.slow
+def test_a_thin_image_is_refused_for_the_canvas_it_would_sample(ray_local, tiny_model_root, tmp_path):
+    """DiT4SR raises the short side to its process size: a 60x1 strip outputs 120x2 pixels but samples 960x16."""
+    write_catalog(tmp_path / "in", {"strip.png": image_bytes(60, 1), "square.png": image_bytes(8, 8)})
+    config = _config(tmp_path, tiny_model_root, upscale={"scale": 2}, limits={"max_output_pixels": 10_000})
+    assert run_job(validate_config(config)) == EXIT_INPUTS_FAILED
+    rows = manifests(tmp_path / "out").set_index("source_key")
+    assert rows.loc["square.png"].status == "ok"
+    assert rows.loc["strip.png"].error_type == "output_too_large"
+    assert "sampled on a 960x16 canvas (process size 16)" in rows.loc["strip.png"].error_message
+
+
 def test_official_arrangement_sd35_root_plus_dit4sr_root(ray_local, tiny_model_root, tmp_path):
     base, official = tmp_path / "sd3.5-medium", tmp_path / "dit4sr_r1"
     _official_arrangement(tiny_model_root, base, official)
