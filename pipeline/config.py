@@ -71,7 +71,7 @@ class UpscaleConfig(_Section):
 
 class LimitsConfig(_Section):
     max_input_pixels: int = Field(40_000_000, ge=1)
-    max_output_pixels: int = Field(400_000_000, ge=1)  # per image, and per frame of a video
+    max_output_pixels: int = Field(400_000_000, ge=1)  # per image and video frame; DiT4SR: also the canvas it samples
     max_video_seconds: float | None = Field(None, gt=0)  # longer videos fail alone (None: no limit)
 
 

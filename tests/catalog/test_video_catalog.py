@@ -140,8 +140,8 @@ def test_bad_videos_and_sequences_fail_alone(ray_local, tmp_path):
     final = rows[rows.unit != "segment"].set_index("source_key")
     assert final.loc["good.mp4"].status == "ok"
     expected = {"truncated.mp4": "truncated", "audio_only.mp4": "no_video_stream", "zero.mkv": "zero_frames",
-                "corrupt.mkv": "corrupt", "avs2.mkv": "unsupported_codec", "notes.mp4": "not_a_video", "long.mp4": "too_long",
-                "huge.mp4": "output_too_large", "gap/f_%03d.png": "sequence_gap",
+                "corrupt.mkv": "corrupt", "avs2.mkv": "unsupported_codec", "notes.mp4": "not_a_video",
+                "long.mp4": "too_long", "huge.mp4": "output_too_large", "gap/f_%03d.png": "sequence_gap",
                 "mixed/f_%03d.png": "sequence_mixed_sizes"}
     failed = final[final.status == "failed"]
     assert dict(zip(failed.index, failed.error_type)) == expected
