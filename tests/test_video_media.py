@@ -28,7 +28,7 @@ from pipeline.media.video import (
     plan_segments,
 )
 
-SHARED_VIDEO = pathlib.Path("/work/shared/data/video")
+SHARED_VIDEO = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "video"  # ../shared beside the repo
 FAST = VideoEncoding(preset="ultrafast", threads=2)
 
 
