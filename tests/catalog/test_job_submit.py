@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -36,7 +37,9 @@ def ray_head(s3_server):
     dashboard = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "PYTHONPATH")}
     env.update(AWS_ACCESS_KEY_ID=CANARY_KEY_ID, AWS_SECRET_ACCESS_KEY=CANARY_SECRET, AWS_DEFAULT_REGION="us-east-1",
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0",
+               # this Python's `ray` and `python` first, even where its venv is not activated
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     ports = {"--port": free_port(), "--dashboard-port": dashboard, "--ray-client-server-port": free_port(),
              "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
     head = subprocess.Popen(
