@@ -172,6 +172,26 @@ def texts_to_encode(settings: dict[str, Any], prompts: list[str]) -> dict[str, s
     return texts
 
 
+def output_size_error(spec: RunSpec, width: int, height: int) -> str | None:
+    """Why a ``width x height`` image or frame exceeds ``limits.max_output_pixels``, or None. DiT4SR samples a
+    canvas whose short side is at least its process size, so a very thin input (3x2000) samples far more pixels
+    than it outputs: the limit applies to the larger of the two."""
+    scale, limit, settings = spec.scale, spec.max_output_pixels, spec.settings
+    output = width * height * scale * scale
+    if output > limit:
+        return f"{width}x{height} at x{scale} is {output} output pixels, above limits.max_output_pixels={limit}"
+    if settings["engine"] != "dit4sr":
+        return None
+    from dit4sr.geometry import resize_plan
+
+    sampled_height, sampled_width = resize_plan(height, width, scale, settings["process_size"],
+                                                settings["vae_scale_factor"], settings["patch_size"])[-1]
+    if sampled_width * sampled_height > limit:
+        return (f"{width}x{height} at x{scale} is sampled on a {sampled_width}x{sampled_height} canvas "
+                f"(process size {settings['process_size']}), above limits.max_output_pixels={limit}")
+    return None
+
+
 def tiles_per_frame(cfg: JobConfig, settings: dict[str, Any], width: int, height: int) -> int:
     """Sampler tiles for one image or frame, as ``DiT4SRPipeline`` will run it (other engines: one "tile")."""
     if settings["engine"] != "dit4sr":

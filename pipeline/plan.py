@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import manifest, media, state
 from .config import ConfigError, JobConfig, fingerprint
-from .engine import tiles_per_frame
+from .engine import output_size_error, tiles_per_frame
 from .media import video
 from .spec import RunSpec
 from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher
@@ -298,7 +298,7 @@ class _Planner:
             self.reject(row, "too_long", f"{index.duration:.1f} s is longer than limits.max_video_seconds="
                                          f"{limits.max_video_seconds}")
             return
-        too_large = self.spec.output_size_error(index.width, index.height)
+        too_large = output_size_error(self.spec, index.width, index.height)
         if too_large:
             self.reject(row, "output_too_large", f"per frame: {too_large}")
             return

@@ -186,13 +186,14 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False) -> int:
     preflight.check(cfg)  # before the run lock writes under output.uri, and before any model loads
     if dry_run:
         return _dry_run(prepare(cfg, dry_run=True), cfg)
-    lock = RunLease(locations(cfg)[1], cfg.run.lock) if cfg.run.lock.enabled else contextlib.nullcontext()
+    _, output = locations(cfg)
+    lock = RunLease(output, cfg.run.lock) if cfg.run.lock.enabled else contextlib.nullcontext()
     try:
         with lock:  # held from before planning until the summary is written
             if cfg.run.lock.enabled:  # only a lock holder may tidy what earlier runs left
-                state.recover(locations(cfg)[1])
+                state.recover(output)
             else:  # old enough to belong to no live writer, whoever runs beside this run
-                state.sweep_stale_temps(locations(cfg)[1])
+                state.sweep_stale_temps(output)
             return state.exit_code_of(execute(prepare(cfg), cfg))
     except RunLocked as exc:
         log.error("%s", exc)

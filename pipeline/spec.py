@@ -76,27 +76,6 @@ class RunSpec:
     def fingerprint(self) -> str:
         return fingerprint(self.settings)
 
-    def output_size_error(self, width: int, height: int) -> str | None:
-        """Why a ``width x height`` image or frame exceeds ``limits.max_output_pixels``, or None. DiT4SR samples a
-        canvas whose short side is at least its process size, so a very thin input (3x2000) samples far more
-        pixels than it outputs: the limit applies to the larger of the two."""
-        scale, limit = self.scale, self.max_output_pixels
-        output = width * height * scale * scale
-        if output > limit:
-            return (f"{width}x{height} at x{scale} is {output} output pixels, above limits.max_output_pixels="
-                    f"{limit}")
-        settings = self.settings
-        if settings.get("engine") != "dit4sr":
-            return None
-        from dit4sr.geometry import resize_plan
-
-        sampled_height, sampled_width = resize_plan(height, width, scale, settings["process_size"],
-                                                    settings["vae_scale_factor"], settings["patch_size"])[-1]
-        if sampled_width * sampled_height > limit:
-            return (f"{width}x{height} at x{scale} is sampled on a {sampled_width}x{sampled_height} canvas "
-                    f"(process size {settings['process_size']}), above limits.max_output_pixels={limit}")
-        return None
-
     def unit_fingerprint(self, unit: str, image_fingerprint: str) -> str:
         """What a unit's bytes depend on: photos, the photo settings (prompt included); videos and their
         segments also segmenting, noise mode and encoder; sequences only the noise mode (frames are photos

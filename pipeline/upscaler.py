@@ -24,7 +24,7 @@ import pyarrow as pa
 from PIL import Image
 
 from . import manifest, media
-from .engine import Engine, load_engine, upscale_frames
+from .engine import Engine, load_engine, output_size_error, upscale_frames
 from .media import video
 from .metrics import publish_gpu_memory_peak
 from .plan import derive_seed
@@ -172,7 +172,7 @@ class Upscaler:
             return _fail(row, exc.error_type, exc)
 
     def _check_output_size(self, row: dict[str, Any], width: int, height: int) -> bool:
-        error = self.spec.output_size_error(width, height)
+        error = output_size_error(self.spec, width, height)
         if error:
             _fail(row, "output_too_large", error)
         return error is None

@@ -12,8 +12,9 @@ import tempfile
 # Ray state of this test session only: a job's plain ray.init() joins the cluster recorded under Ray's temp
 # folder, which must be this session's Ray, never another test session's on the same machine. Kept short: Ray's
 # socket paths live below it.
-_RAY_TMPDIR = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="ray-", dir="/tmp")
-os.environ.setdefault("RAY_TMPDIR", _RAY_TMPDIR or "")
+_RAY_TMPDIR = None
+if "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = _RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
 import pytest
 from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER

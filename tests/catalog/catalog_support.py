@@ -45,7 +45,8 @@ def run_index(output: pathlib.Path):
     from pipeline.state import RUNS_DIR, RUNS_SCHEMA
 
     files = sorted(output.glob(f"{RUNS_DIR}/*.parquet"))
-    return (pq.read_table(files) if files else RUNS_SCHEMA.empty_table()).to_pandas().sort_values(["started_at", "run_id"])
+    table = pq.read_table(files) if files else RUNS_SCHEMA.empty_table()
+    return table.to_pandas().sort_values(["started_at", "run_id"])
 
 
 def outputs(root: pathlib.Path) -> dict[str, bytes]:
