@@ -17,7 +17,7 @@ if "RAY_TMPDIR" not in os.environ:
     os.environ["RAY_TMPDIR"] = _RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
 import pytest
-from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
+from support.tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 TESTS = pathlib.Path(__file__).parent
 GOLDEN = TESTS / "data" / "golden"

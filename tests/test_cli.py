@@ -106,12 +106,8 @@ def test_console_script_end_to_end(tmp_path, inputs, tiny_model_root):
 
 
 def test_video_input_keeps_container_frames_and_audio(tmp_path, capsys):
-    import sys
-
     import av
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    import video_clips
+    from support import video_clips
 
     (tmp_path / "in").mkdir()
     source = video_clips.write_clip(tmp_path / "in" / "clip.mp4", frames=6, size=(16, 12), audio=True,

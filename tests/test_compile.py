@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from tiny_components import TINY_SETTINGS, pixel_pipeline, tiny_transformer
+from support.tiny_components import TINY_SETTINGS, pixel_pipeline, tiny_transformer
 
 from dit4sr.compile import compile_cache_dir
 

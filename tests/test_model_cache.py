@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import s3fs
-from moto_process import moto_server, recorded_requests
+from support.s3_server import moto_server, recorded_requests
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = {

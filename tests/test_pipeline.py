@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_components import (
+from support.tiny_components import (
     null_embedding,
     pixel_pipeline,
     tiny_pipeline,

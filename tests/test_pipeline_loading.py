@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from moto.server import ThreadedMotoServer
-from tiny_components import save_model_root, tiny_pipeline, tiny_text_components
+from support.tiny_components import save_model_root, tiny_pipeline, tiny_text_components
 
 import dit4sr
 from dit4sr import BUNDLED_MODEL, DiT4SRPipeline

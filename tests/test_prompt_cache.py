@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 from moto.server import ThreadedMotoServer
-from tiny_components import null_embedding, tiny_text_components
+from support.tiny_components import null_embedding, tiny_text_components
 
 from dit4sr.prompt_cache import (
     PromptEmbedding,
@@ -138,7 +138,7 @@ def test_embedding_shapes_are_checked():
 
 
 def test_encoder_from_a_saved_sd3_root(tmp_path):
-    from tiny_components import save_model_root, tiny_pipeline
+    from support.tiny_components import save_model_root, tiny_pipeline
 
     components = tiny_text_components()
     save_model_root(tiny_pipeline(**components), tmp_path / "sd3", text_encoders=True)

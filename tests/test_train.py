@@ -7,9 +7,9 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_components import TINY_SETTINGS
-from train_support import images as _images
-from train_support import train_config as _config
+from support.tiny_components import TINY_SETTINGS
+from support.training import images as _images
+from support.training import train_config as _config
 
 from dit4sr.degradation import DegradationConfig
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline

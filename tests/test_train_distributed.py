@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import train_config
+from support.training import train_config
 
 from dit4sr.train import Trainer, TrainingInputError, main
 from dit4sr.training.distributed import train_distributed

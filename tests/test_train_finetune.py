@@ -10,8 +10,8 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from tiny_components import save_model_root, tiny_pipeline, tiny_text_components, tiny_transformer
-from train_support import images
+from support.tiny_components import save_model_root, tiny_pipeline, tiny_text_components, tiny_transformer
+from support.training import images
 
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
 from dit4sr.prompt_cache import PromptEmbeddingCache

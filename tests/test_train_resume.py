@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import train_config
+from support.training import train_config
 
 from dit4sr.train import Trainer
 

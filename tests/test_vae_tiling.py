@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_components import tiny_vae
+from support.tiny_components import tiny_vae
 
 from dit4sr import PixelUnshuffleAutoencoder
 from dit4sr.vae_tiling import decode_latents, decoder_halo, encode_image, encoder_halo

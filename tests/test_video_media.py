@@ -14,7 +14,7 @@ import av
 import fsspec
 import numpy as np
 import pytest
-import video_clips as clips
+from support import video_clips as clips
 
 from pipeline.media import MediaError
 from pipeline.media.video import (

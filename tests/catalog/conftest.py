@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import sys
 import uuid
 
 import pytest
-from catalog_support import REPO
+from support.catalog import REPO
 
-HERE = pathlib.Path(__file__).resolve().parent
-
-# Plug-in test engines (catalog_test_engines) must import in Ray workers and in job subprocesses too.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), str(REPO), os.environ.get("PYTHONPATH")]))
-sys.path.insert(0, str(HERE))
+# Plug-in test engines (support.engines) must import in Ray workers and in job subprocesses too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH")]))
 
 RAY_CPUS = 4
 RAY_FAKE_GPUS = 2

@@ -14,9 +14,9 @@ import time
 import pyarrow.dataset as pads
 import pytest
 import s3fs
-from catalog_support import image_bytes, job_config
-from fault_proxy import FaultProxy, random_faults
-from ops_support import Job, session_ray_address
+from support.catalog import image_bytes, job_config
+from support.fault_proxy import FaultProxy, random_faults
+from support.catalog import Job, session_ray_address
 
 from pipeline import media
 from pipeline.engine import BicubicEngine
@@ -30,7 +30,7 @@ FAULT_RATES = {"unavailable": 0.02, "slowdown": 0.01, "reset": 0.01, "reset_afte
 
 
 def _config(bucket: str, options: dict) -> dict:
-    config = job_config(f"s3://{bucket}/in", f"s3://{bucket}/out", model={"path": "catalog_test_engines:chaos"},
+    config = job_config(f"s3://{bucket}/in", f"s3://{bucket}/out", model={"path": "support.engines:chaos"},
                         compute={"batch_size": 16, "actors": {"min": 2, "max": 2}},
                         # a killed driver's lease expires in 3 s; the next run waits for it
                         run={"progress_interval_s": 5, "lock": {"ttl_s": 3, "wait_s": 60}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from catalog_support import small_catalog, write_catalog
+from support.catalog import small_catalog, write_catalog
 from test_dit4sr_engine import _config, tiny_model_root  # noqa: F401 - the module's tiny model fixture
 
 from pipeline.config import ConfigError, load_config, validate_config
@@ -68,6 +68,6 @@ def test_summary_records_the_actors_tile_batch(ray_local, tiny_model_root, tmp_p
     summary = json.loads(next((tmp_path / "out").glob("_manifests/run=*/_summary.json")).read_text())
     chosen = summary["settings"]["tile_batch_size"]
     assert isinstance(chosen, int) and chosen >= 1  # the CPU budget's choice, not a manifest column
-    from catalog_support import manifests
+    from support.catalog import manifests
 
     assert "engine_settings" not in manifests(tmp_path / "out").columns

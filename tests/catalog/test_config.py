@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from catalog_support import REPO, job_config
+from support.catalog import REPO, job_config
 
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
@@ -54,7 +54,7 @@ def test_fingerprint_tracks_output_settings_only():
     assert base != _fingerprint(output={"format": "jpeg"})
     assert _fingerprint(output={"format": "jpeg", "quality": 80}) != _fingerprint(output={"format": "jpeg"})
     # the model's identity and the seed count for engines that use them
-    plugin = {"path": "catalog_test_engines:slow"}
+    plugin = {"path": "support.engines:slow"}
     assert _fingerprint(model=plugin) != base
     assert _fingerprint(model=plugin, upscale={"seed": 1}) != _fingerprint(model=plugin)
 

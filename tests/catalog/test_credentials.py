@@ -10,7 +10,7 @@ import uuid
 
 import ray
 import s3fs
-from catalog_support import job_config, small_catalog
+from support.catalog import job_config, small_catalog
 
 from pipeline.config import validate_config
 from pipeline.run import EXIT_INPUTS_FAILED, run_job

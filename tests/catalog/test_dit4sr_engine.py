@@ -7,7 +7,7 @@ import pathlib
 
 import pyarrow.parquet as pq
 import pytest
-from catalog_support import REPO, image_bytes, job_config, manifests, small_catalog, write_catalog
+from support.catalog import REPO, image_bytes, job_config, manifests, small_catalog, write_catalog
 
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
@@ -19,7 +19,7 @@ RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_size": 8, 
 
 @pytest.fixture(scope="module")
 def tiny_model_root(tmp_path_factory) -> pathlib.Path:
-    from tiny_components import pixel_pipeline, save_model_root, tiny_text_components
+    from support.tiny_components import pixel_pipeline, save_model_root, tiny_text_components
 
     root = tmp_path_factory.mktemp("models") / "tiny-dit4sr"
     save_model_root(_with_text(pixel_pipeline, tiny_text_components), root, recommended=RECOMMENDED,
@@ -28,7 +28,7 @@ def tiny_model_root(tmp_path_factory) -> pathlib.Path:
 
 
 def _with_text(make_pipeline, text_components):
-    from tiny_components import null_embedding
+    from support.tiny_components import null_embedding
 
     pipe = make_pipeline()
     for name, component in text_components().items():
@@ -67,12 +67,9 @@ def test_dry_run_estimates_tiles_times_steps(tiny_model_root, tmp_path, capsys):
 def test_dry_run_tile_counts_are_what_the_sampler_runs(tiny_model_root, tmp_path, capsys):
     """Tiny and extreme shapes: the dry run asks dit4sr's own geometry, so it neither crashes (a 1x1 PNG) nor
     under-counts (400x4), and a clip's estimate is its frames times one frame's tiles."""
-    import sys
+    from support import video_clips
 
     import dit4sr
-
-    sys.path.insert(0, str(REPO / "tests"))
-    import video_clips
 
     write_catalog(tmp_path / "in", {"dot.png": image_bytes(1, 1), "strip.png": image_bytes(400, 4),
                                     "tall.png": image_bytes(3, 90)})
@@ -166,7 +163,7 @@ def test_official_arrangement_sd35_root_plus_dit4sr_root(ray_local, tiny_model_r
 
 
 def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
-    from tiny_components import pixel_pipeline, save_model_root
+    from support.tiny_components import pixel_pipeline, save_model_root
 
     root = tmp_path / "no-text"
     save_model_root(pixel_pipeline(), root, recommended={**RECOMMENDED, "guidance_scale": 1.0})

@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
 
 import numpy as np
-from catalog_support import REPO, image_bytes, job_config, manifests, small_catalog, write_catalog
 from PIL import Image
+from support import video_clips
+from support.catalog import image_bytes, job_config, manifests, small_catalog, write_catalog
 
 from pipeline import media
 from pipeline.config import validate_config
 from pipeline.engine import BicubicEngine
 from pipeline.run import execute, prepare
-
-sys.path.insert(0, str(REPO / "tests"))
-import video_clips  # noqa: E402
 
 # A baseline TIFF whose directory is damaged (two bytes changed, found by fuzzing): Pillow's TIFF plugin raises a
 # TypeError ("Missing dimensions") that no media classification expects, so it is the catch-all decode_failed.
@@ -81,7 +78,7 @@ def test_every_error_type_fails_alone_beside_good_batch_mates(ray_local, tmp_pat
     })
     video_clips.write_clip(source / "oom.mp4", frames=4, size=(22, 16))
     video_clips.write_clip(source / "blocked.mp4", frames=4, size=(8, 6))
-    config = job_config(str(source), str(tmp_path / "out"), model={"path": "catalog_test_engines:faulty_by_width"},
+    config = job_config(str(source), str(tmp_path / "out"), model={"path": "support.engines:faulty_by_width"},
                         output={"format": "jpeg"},
                         video={"segment_seconds": 0.08, "sequence_folders": ["crash", "reel"]},
                         # one batch per stage: every bad unit shares its batches with the good ones

@@ -12,7 +12,7 @@ import sys
 import duckdb
 import pytest
 import yaml
-from catalog_support import (
+from support.catalog import (
     REPO,
     job_config,
     manifests,
@@ -36,7 +36,7 @@ def test_actor_killed_mid_batch_loses_and_duplicates_nothing(ray_local, marker_d
     reference = job_config(str(tmp_path / "in"), str(tmp_path / "reference"))
     assert run_job(validate_config(reference)) == EXIT_OK
     # the engine SIGKILLs its own process on its second image, i.e. in the middle of its first batch of 4
-    config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": "catalog_test_engines:crash_once"},
+    config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": "support.engines:crash_once"},
                         compute={"batch_size": 4, "actors": {"min": 1, "max": 1}})
     assert run_job(validate_config(config)) == EXIT_OK
     assert (marker_dir / "crashed").exists()

@@ -19,8 +19,8 @@ import uuid
 
 import pytest
 import s3fs
-from catalog_support import REPO, manifests, outputs, small_catalog
-from moto_process import free_port
+from support.catalog import REPO, manifests, outputs, small_catalog
+from support.net import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import uuid
 
 import duckdb
 import pytest
-from catalog_support import image_bytes, job_config, manifests, outputs, run_index, small_catalog, write_catalog
+from support.catalog import image_bytes, job_config, manifests, outputs, run_index, small_catalog, write_catalog
 
 from pipeline import manifest, state
 from pipeline.config import validate_config

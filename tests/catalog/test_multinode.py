@@ -10,7 +10,7 @@ import time
 
 import pytest
 import ray
-from catalog_support import job_config, manifests, small_catalog, write_catalog
+from support.catalog import job_config, manifests, small_catalog, write_catalog
 from ray.cluster_utils import Cluster
 
 from pipeline.config import validate_config
@@ -53,7 +53,7 @@ def test_work_spreads_over_nodes_and_survives_losing_one(cluster, marker_dir, tm
     files = small_catalog(24)
     write_catalog(tmp_path / "in", files)
     config = job_config(str(tmp_path / "in"), str(tmp_path / "out"),
-                        model={"path": "catalog_test_engines:node_marked"},
+                        model={"path": "support.engines:node_marked"},
                         compute={"batch_size": 2, "actors": {"min": 3, "max": 3}})
     cfg = validate_config(config)
     plan = prepare(cfg)

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 import ray
 import yaml
-from catalog_support import REPO, image_bytes, job_config, small_catalog, write_catalog
-from ops_support import session_ray_address
+from support.catalog import REPO, image_bytes, job_config, small_catalog, write_catalog
+from support.catalog import session_ray_address
 
 from pipeline.config import validate_config
 from pipeline.metrics import gpu_memory_peak

@@ -9,7 +9,7 @@ import pathlib
 
 import duckdb
 import pytest
-from catalog_support import (
+from support.catalog import (
     image_bytes,
     job_config,
     manifests,
@@ -127,7 +127,7 @@ def test_output_inside_input_is_refused_before_any_work(ray_local, catalog):
 
 def test_dry_run_lists_and_estimates_without_loading_the_model(catalog, capsys):
     source, output, files = catalog
-    config = job_config(str(source), str(output), model={"path": "catalog_test_engines:never_load"})
+    config = job_config(str(source), str(output), model={"path": "support.engines:never_load"})
     assert run_job(validate_config(config), dry_run=True) == EXIT_OK
     printed = capsys.readouterr().out
     for key, data in files.items():
@@ -178,7 +178,7 @@ def test_invalid_inputs_fail_alone_with_clear_error_types(ray_local, tmp_path):
 
 def test_fake_gpus_one_per_actor(ray_local, marker_dir, tmp_path):
     write_catalog(tmp_path / "in", small_catalog(8))
-    config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": "catalog_test_engines:gpu_probe"},
+    config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": "support.engines:gpu_probe"},
                         compute={"gpus_per_actor": 1, "actors": {"min": 2, "max": 2}, "batch_size": 1})
     assert run(config) == EXIT_OK
     assigned = [p.read_text() for p in marker_dir.glob("gpus-*")]

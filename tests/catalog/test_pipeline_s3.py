@@ -10,8 +10,8 @@ import urllib.parse
 import boto3
 import pyarrow.dataset as pads
 import s3fs
-from catalog_support import image_bytes, job_config, small_catalog
-from fault_proxy import FaultProxy, first_attempts
+from support.catalog import image_bytes, job_config, small_catalog
+from support.fault_proxy import FaultProxy, first_attempts
 from PIL import Image
 
 from pipeline import manifest

@@ -9,9 +9,9 @@ import json
 
 import boto3
 import pytest
-from catalog_support import job_config, small_catalog
-from moto_process import moto_server, require_authentication
-from ops_support import Job, session_ray_address
+from support.catalog import job_config, small_catalog
+from support.s3_server import moto_server, require_authentication
+from support.catalog import Job, session_ray_address
 
 from pipeline.config import validate_config
 from pipeline.preflight import PreflightError

@@ -8,10 +8,10 @@ import re
 import shutil
 
 import pytest
-from catalog_support import REPO, image_bytes, job_config, write_catalog
+from support.catalog import REPO, image_bytes, job_config, write_catalog
 from PIL import Image
 
-from browser import CHROMIUM, open_page
+from support.browser import CHROMIUM, open_page
 from pipeline.config import validate_config
 from pipeline.example_catalog import lay_out_example_catalog
 from pipeline.report import PAIRS, REPORT_NAME, sample_pairs

@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
-from catalog_support import job_config, small_catalog
-from ops_engines import gate_path
-from ops_support import Job, manifest_rows, session_ray_address, upload
+from support.catalog import job_config, small_catalog
+from support.engines import gate_path
+from support.catalog import Job, manifest_rows, session_ray_address, upload
 
 from pipeline.config import ConfigError, LockConfig, validate_config
 from pipeline.lease import LEASE_KEY, RunLease, RunLocked
@@ -117,7 +117,7 @@ def gate(ray_local):
 
 
 def _lock_config(input: Location, output: Location, **lock) -> tuple[dict, dict]:
-    config = job_config(input.uri, output.uri, model={"path": "ops_engines:gated"},
+    config = job_config(input.uri, output.uri, model={"path": "support.engines:gated"},
                         compute={"batch_size": 2, "actors": {"min": 1, "max": 1}}, run={"lock": lock})
     config["input"]["storage_options"] = input.storage_options
     config["output"]["storage_options"] = output.storage_options

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from catalog_support import job_config, write_catalog
+from support.catalog import job_config, write_catalog
 from PIL import Image
 
 from pipeline import media

@@ -4,20 +4,17 @@ alone, one noise field per clip across segments, settings that redo only what th
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import av
 import numpy as np
 import pytest
-from catalog_support import REPO, image_bytes, job_config, manifests, run_index, write_catalog
 from PIL import Image
+from support import video_clips
+from support.catalog import image_bytes, job_config, manifests, run_index, write_catalog
 
 from pipeline.config import validate_config
 from pipeline.media import video
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
-
-sys.path.insert(0, str(REPO / "tests"))
-import video_clips  # noqa: E402
 
 SCALE = 2
 

@@ -12,13 +12,11 @@ import time
 
 import pytest
 import yaml
-from catalog_support import REPO, job_config, manifests
+from support import video_clips
+from support.catalog import REPO, job_config, manifests
 
 from pipeline.config import validate_config
 from pipeline.run import EXIT_OK, run_job
-
-sys.path.insert(0, str(REPO / "tests"))
-import video_clips  # noqa: E402
 
 SEGMENTS = 8
 

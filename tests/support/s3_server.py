@@ -6,18 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from typing import Iterator
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support.net import free_port, wait_for_url
 
 
 @contextlib.contextmanager
@@ -28,14 +22,7 @@ def moto_server(**env: str) -> Iterator[str]:
                                env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/moto-api/data.json", timeout=2).read()
-                break
-            except OSError:
-                assert process.poll() is None and time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.1)
+        wait_for_url(f"{url}/moto-api/data.json", process, "the moto server")
         yield url
     finally:
         process.terminate()

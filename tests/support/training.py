@@ -5,7 +5,7 @@ import pathlib
 import numpy as np
 import yaml
 from PIL import Image
-from tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
+from support.tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 from dit4sr.train import TrainConfig
 

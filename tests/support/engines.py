@@ -1,4 +1,4 @@
-"""Plug-in engines for the catalog tests (``model.path: catalog_test_engines:<factory>``).
+"""Plug-in engines for the catalog tests (``model.path: support.engines:<factory>``).
 
 They wrap the bicubic engine and add one behaviour each. One-shot behaviours leave a marker file in
 ``$CATALOG_TEST_MARKERS`` so that a restarted actor does not repeat them.
@@ -139,3 +139,27 @@ class _Chaos(_Wrapped):
 
 def chaos(settings: dict) -> _Chaos:
     return _Chaos(settings)
+
+
+# -- the operations tests' gate: bicubic, but each image waits until ``$CATALOG_TEST_MARKERS/gate`` exists, after
+# leaving ``gate.waiting`` there, so a test can hold a run in the middle of its work for as long as it needs (another
+# run overlapping it, a SIGKILL). The markers folder comes from the environment the session's Ray was started with,
+# so it reaches actors of jobs that join that Ray.
+
+
+def gate_path() -> pathlib.Path:
+    return _marker("gate")
+
+
+class _Gated(BicubicEngine):
+    def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
+        gate = gate_path()
+        gate.with_suffix(".waiting").touch()
+        deadline = time.monotonic() + 600
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return super().upscale(image, seed=seed, prompt=prompt)
+
+
+def gated(settings: dict) -> _Gated:
+    return _Gated(settings)
