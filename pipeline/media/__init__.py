@@ -1,9 +1,13 @@
 """Media kinds the catalog understands, each in its own module, behind one error hierarchy.
 
-* ``image``: photos, one file = one unit of work (decode -> pixels + metadata -> encode like the source).
+* ``image``: photos, one file = one unit of work (decode -> pixels + metadata -> encode like the source); also
+  the frames of frame sequences.
+* ``film``: DPX and OpenEXR (film scans, VFX), through FFmpeg's codecs, behind ``image``'s decode/encode.
 * ``video``: video files, cut into segments of frames that are units of work of their own.
 
-``kind_of`` decides a listed key's kind from its extension, so planning never opens a file to route it.
+``kind_of`` decides a listed key's kind from its extension, so planning never opens a file to route it: every
+extension that is not a video container's (``.dpx`` and ``.exr`` included) is an image, and numbered images in
+``video.sequence_folders`` are frame sequences (``pipeline.plan.group_inputs``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ Decisions (each is a trade-off an operator may ask about):
   matches the written pixels. TIFF gets EXIF's IFD0 tags but not its Exif/GPS sub-IFDs (no TIFF writer here can
   write them). An EXIF block that cannot be parsed is dropped rather than failing the photo.
 - Every encoder setting that could vary between machines is pinned, so equal pixels and info give equal bytes.
+- DPX and OpenEXR (film scans, VFX) are decoded and encoded by FFmpeg's codecs (``film.py``, which documents
+  their decisions): DPX at its bit depth (10/12-bit codes as uint16 at full scale), EXR as float32 whose colour
+  is converted from scene-linear to the sRGB curve, clipped to [0, 1] (highlights above 1.0 are clipped), and
+  back on output; neither carries ICC, EXIF or XMP.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import pillow_heif
 import tifffile
 from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
+from . import film
 from .errors import (
     CorruptImageError,
     EmptyFileError,
@@ -63,10 +68,14 @@ Image.init()  # load every Pillow plugin now: _sniff reads their signature check
 class ImageInfo:
     """What `encode_image` needs to write an image back like its source."""
 
-    format: str  # Pillow's name for the source format: JPEG, MPO, PNG, WEBP, TIFF, BMP, GIF, AVIF, HEIF
-    mode: str  # Pillow's mode of the source ("P", "CMYK", "1", ...); "<layout>;16" for 16-bit sources
+    format: str  # Pillow's name for the source format: JPEG, MPO, PNG, WEBP, TIFF, BMP, GIF, AVIF, HEIF; DPX, EXR
+    # Pillow's mode of the source ("P", "CMYK", "1", ...); "<layout>;16" for 16-bit sources; DPX/EXR: FFmpeg's
+    # pixel format of the decoded source ("gbrp10le", "gbrpf16le", ...)
+    mode: str
     channels: str  # layout of the decoded pixels: L, LA, RGB or RGBA
-    bit_depth: int  # bits per sample of the decoded pixels, and of the output where the format allows: 8 or 16
+    # bits per sample of the source, kept in the output where the format allows: 8 or 16; DPX also 10 and 12;
+    # EXR 16 (half) or 32 (float). Above 8 bits PNG and TIFF get 16.
+    bit_depth: int
     has_alpha: bool
     width: int  # after orientation
     height: int
@@ -75,11 +84,16 @@ class ImageInfo:
     icc_profile: bytes | None
     exif: bytes | None  # as in the source; orientation is reset to 1 when written
     xmp: bytes | None
+    # Format-specific settings to write the source's format back like it: DPX byte order, transfer and
+    # colorimetric codes, EXR compression.
+    format_options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodedImage:
-    pixels: np.ndarray  # HxWxC, C = len(info.channels) (1-4), uint8 or uint16; may be read-only
+    # HxWxC, C = len(info.channels) (1-4): uint8, uint16 (9-16 bit sources, at full 16-bit scale) or float32 in
+    # [0, 1] (EXR, sRGB-encoded); may be read-only
+    pixels: np.ndarray
     info: ImageInfo
 
 
@@ -104,6 +118,9 @@ _FORMATS = {
     # libavif refuses to decode sides above 32768; x265 to encode HEVC beyond level 6.2's sqrt(8 * 35651584).
     "avif": _Format("AVIF", ".avif", ("L", "RGB", "RGBA"), (), True, 32768),
     "heic": _Format("HEIF", ".heic", ("L", "RGB", "RGBA"), (), True, 16888),
+    # Written by FFmpeg's encoders at the depth `film.encode` chooses (modes16 unused); no metadata chunks.
+    "dpx": _Format("DPX", ".dpx", ("L", "RGB", "RGBA"), (), False, None),
+    "exr": _Format("EXR", ".exr", ("L", "RGB", "RGBA"), (), False, None),
 }
 _ALIASES = {"jpg": "jpeg", "tif": "tiff", "heif": "heic"}
 # Pillow format name of a source -> output format key for output_format="same".
@@ -117,12 +134,16 @@ _SOURCE_FORMATS = {
     "GIF": "gif",
     "AVIF": "avif",
     "HEIF": "heic",
+    "DPX": "dpx",  # by FFmpeg's codecs (film.py), never Pillow
+    "EXR": "exr",
 }
-_OPEN_FORMATS = tuple(f for f in _SOURCE_FORMATS if f != "MPO")  # Pillow's JPEG opener returns MPO itself
+_FILM_FORMATS = (film.DPX, film.EXR)
+# Pillow's JPEG opener returns MPO itself.
+_OPEN_FORMATS = tuple(f for f in _SOURCE_FORMATS if f != "MPO" and f not in _FILM_FORMATS)
 OUTPUT_FORMATS = ("same", *_FORMATS)
 SUPPORTED_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif", ".heic", ".heif",
-     ".hif"}
+     ".hif", ".dpx", ".exr"}
 )
 
 # Pillow modes of 8-bit sources -> decoded layout. "P" depends on transparency; anything else is unsupported.
@@ -152,7 +173,7 @@ def output_extension(source_name: str, output_format: str) -> str:
 
 def to_float_rgb(pixels: np.ndarray) -> np.ndarray:
     """Decoded pixels -> float32 RGB(A) in [0, 1], the input `encode_image` expects back: gray is replicated."""
-    scale = np.float32(np.iinfo(pixels.dtype).max) if pixels.dtype.kind == "u" else np.float32(1)
+    scale = np.float32(np.iinfo(pixels.dtype).max) if pixels.dtype.kind == "u" else np.float32(1)  # EXR: float
     values = pixels.astype(np.float32) / scale
     if values.shape[2] in (1, 2):  # L, LA
         values = np.concatenate([np.repeat(values[..., :1], 3, axis=-1), values[..., 1:]], axis=-1)
@@ -166,6 +187,8 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     """
     if not data:
         raise EmptyFileError(f"{name}: file is empty (0 bytes)")
+    if film.sniff(data):
+        return _decode_film(data, name, max_pixels)
     kind = _sniff(data)
     with _classified(name, kind):
         im = _open(data, name, kind)
@@ -209,6 +232,16 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> DecodedImage:
     return DecodedImage(pixels=pixels, info=info)
 
 
+def _decode_film(data: bytes, name: str, max_pixels: int) -> DecodedImage:
+    decoded = film.decode(data, name, max_pixels)
+    height, width = decoded.pixels.shape[:2]
+    info = ImageInfo(format=decoded.format, mode=decoded.pix_fmt, channels=decoded.layout,
+                     bit_depth=decoded.bit_depth, has_alpha=decoded.layout.endswith("A"), width=width, height=height,
+                     orientation=1, frame_count=1, icc_profile=None, exif=None, xmp=None,
+                     format_options=decoded.options)
+    return DecodedImage(pixels=decoded.pixels, info=info)
+
+
 def encode_image(pixels: np.ndarray, info: ImageInfo, output_format: str, quality: int) -> tuple[bytes, str]:
     """Encode float RGB(A) pixels in [0, 1] like the source described by `info`; returns (bytes, extension).
 
@@ -227,9 +260,16 @@ def encode_image(pixels: np.ndarray, info: ImageInfo, output_format: str, qualit
         )
     # fmax/fmin also send NaN to 0 and infinities to the bounds, in two cheap passes.
     pixels = np.fmin(np.fmax(pixels.astype(np.float32, copy=False), 0.0), 1.0)
-    sixteen = info.bit_depth == 16 and bool(spec.modes16)
-    mode = _output_mode(info, pixels.shape[2] == 4, spec.modes16 if sixteen else spec.modes)
+    alpha = pixels.shape[2] == 4
+    if alpha and (info.format == film.EXR) != (spec.pillow == film.EXR):  # EXR's colour is premultiplied
+        pixels = film.unpremultiply(pixels) if info.format == film.EXR else film.premultiply(pixels)
+    sixteen = info.bit_depth > 8 and bool(spec.modes16)
+    mode = _output_mode(info, alpha, spec.modes16 if sixteen else spec.modes)
     samples = _to_mode(pixels, mode)
+    if spec.pillow in _FILM_FORMATS:
+        same = info.format == spec.pillow
+        return film.encode(samples, mode, spec.pillow, info.bit_depth, info.format_options if same else ()), \
+            spec.extension
     samples = np.rint(samples * (65535 if sixteen else 255)).astype(np.uint16 if sixteen else np.uint8)
     icc = exif = xmp = None
     if spec.metadata:
