@@ -263,6 +263,16 @@ def test_pixel_limit_is_checked_from_the_header():
         assert caught.value.error_type == "too_many_pixels"
 
 
+def test_image_size_reads_the_picture_size_from_the_header():
+    """What a dry run's estimate needs, from the first bytes only (Pillow cannot open DPX or EXR)."""
+    files = film_files()
+    assert media.image_size(io.BytesIO(files["dpx"]), "a.dpx") == (20, 16)
+    assert media.image_size(io.BytesIO(files["exr-zip"][:400]), "a.exr") == (20, 40)  # header only
+    png = io.BytesIO()
+    Image.new("RGB", (7, 3)).save(png, "PNG")
+    assert media.image_size(io.BytesIO(png.getvalue()), "a.png") == (7, 3)
+
+
 # -- recognition -------------------------------------------------------------------------------------------------
 def test_dpx_and_exr_are_images_and_numbered_ones_form_sequences():
     assert {".dpx", ".exr"} <= media.SUPPORTED_EXTENSIONS

@@ -22,6 +22,7 @@ from .image import (
     ImageInfo,
     decode_image,
     encode_image,
+    image_size,
     output_extension,
     to_float_rgb,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "MediaError",
     "decode_image",
     "encode_image",
+    "image_size",
     "kind_of",
     "output_extension",
     "to_float_rgb",

@@ -109,6 +109,16 @@ def decode(data: bytes, name: str, max_pixels: int) -> FilmImage:
     return FilmImage(kind, pixels, layout, bits, frame.format.name, options)
 
 
+def picture_size(head: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of the picture from the first bytes of a DPX/EXR file (its header; 64 KiB is plenty)."""
+    if sniff(head) == DPX:
+        if len(head) < _DPX_HEADER:
+            raise TruncatedImageError(f"{name}: truncated DPX data: {len(head)} bytes, shorter than its header")
+        return struct.unpack_from(_DPX_MAGIC[head[:4]] + "II", head, 772)
+    x0, y0, x1, y1 = _exr_parse(head, name)[4]
+    return x1 - x0 + 1, y1 - y0 + 1
+
+
 def encode(samples: np.ndarray, mode: str, kind: str, bit_depth: int, options: tuple[tuple[str, str], ...]) -> bytes:
     """Float samples in [0, 1] of `mode` (L, RGB or RGBA; EXR: sRGB-encoded colour) -> a DPX/EXR file."""
     settings = dict(options)
@@ -225,54 +235,58 @@ def _dpx_header(data: bytes, name: str) -> tuple[int, int, tuple[tuple[str, str]
 def _exr_header(data: bytes, name: str) -> tuple[int, int, tuple[tuple[str, str], ...], bool]:
     """(width, height, options, True) from the header; raises TruncatedImageError when a chunk the offset table
     names is missing or cut short (FFmpeg's decoder would fill it with zeros, or garbage, without an error)."""
+    attributes, table, flags, (x0, y0, x1, y1), (dx0, dy0, dx1, dy1), compression = _exr_parse(data, name)
 
     def truncated(what: str) -> TruncatedImageError:
         return TruncatedImageError(f"{name}: truncated EXR data ({len(data)} bytes): {what}")
 
+    chunks = _exr_chunks(data, table, flags & _EXR_TILED, y1 - y0 + 1, compression, truncated)
+    if compression in _EXR_ZLIB and not flags & _EXR_TILED:
+        _exr_check_zlib(data, chunks, _exr_line_bytes(attributes.get("channels", b""), x1 - x0 + 1),
+                        _EXR_LINES_PER_CHUNK[compression], y1 - y0 + 1, name)
+    options = (("compression", _EXR_COMPRESSIONS.get(compression, "zip16")),)
+    # The pixel limit applies to the larger of the two windows: the picture is the display window, but the data
+    # window is what gets decompressed.
+    width, height = dx1 - dx0 + 1, dy1 - dy0 + 1
+    if (x1 - x0 + 1) * (y1 - y0 + 1) > width * height:
+        width, height = x1 - x0 + 1, y1 - y0 + 1
+    return width, height, options, True
+
+
+def _exr_parse(data: bytes, name: str) -> tuple[dict[str, bytes], int, int, tuple[int, ...], tuple[int, ...], int]:
+    """(attributes, where the offset table starts, version flags, data window, display window, compression)."""
     if len(data) < 8:
-        raise truncated("the header is cut short")
+        raise TruncatedImageError(f"{name}: truncated EXR data: the header is cut short")
     flags = int.from_bytes(data[4:8], "little")
     if flags & (_EXR_MULTIPART | _EXR_DEEP):
         raise UnsupportedImageError(f"{name}: multi-part and deep EXR files are not supported")
     attributes, position = {}, 8
     while True:
         name_end = data.find(b"\0", position)
-        if name_end < 0:
-            raise truncated("the header is cut short")
-        if name_end == position:
+        if name_end == position:  # an empty name ends the header
             position += 1
             break
-        type_end = data.find(b"\0", name_end + 1)
+        type_end = data.find(b"\0", name_end + 1) if name_end > 0 else -1
         if type_end < 0 or type_end + 5 > len(data):
-            raise truncated("the header is cut short")
+            raise TruncatedImageError(f"{name}: truncated EXR data: the header is cut short")
         size = int.from_bytes(data[type_end + 1:type_end + 5], "little", signed=True)
         start = type_end + 5
         if size < 0:
             raise CorruptImageError(f"{name}: corrupt EXR header (attribute of negative size)")
         if start + size > len(data):
-            raise truncated("the header is cut short")
+            raise TruncatedImageError(f"{name}: truncated EXR data: the header is cut short")
         attributes[data[position:name_end].decode("latin-1")] = data[start:start + size]
         position = start + size
     try:
-        windows = [struct.unpack("<4i", attributes[key]) for key in ("dataWindow", "displayWindow")]
+        data_window, display_window = (struct.unpack("<4i", attributes[key]) for key in ("dataWindow",
+                                                                                           "displayWindow"))
         compression = attributes["compression"][0]
     except (KeyError, struct.error, IndexError):
         raise CorruptImageError(f"{name}: corrupt EXR header (no valid dataWindow, displayWindow or "
                                 f"compression)") from None
-    (x0, y0, x1, y1), (dx0, dy0, dx1, dy1) = windows
-    if x1 < x0 or y1 < y0 or dx1 < dx0 or dy1 < dy0:
+    if any(window[2] < window[0] or window[3] < window[1] for window in (data_window, display_window)):
         raise CorruptImageError(f"{name}: corrupt EXR header (empty data or display window)")
-    width, height = dx1 - dx0 + 1, dy1 - dy0 + 1
-    data_pixels = (x1 - x0 + 1) * (y1 - y0 + 1)
-    chunks = _exr_chunks(data, position, flags & _EXR_TILED, y1 - y0 + 1, compression, truncated)
-    if compression in _EXR_ZLIB and not flags & _EXR_TILED:
-        _exr_check_zlib(data, chunks, _exr_line_bytes(attributes.get("channels", b""), x1 - x0 + 1),
-                        _EXR_LINES_PER_CHUNK[compression], y1 - y0 + 1, name)
-    options = (("compression", _EXR_COMPRESSIONS.get(compression, "zip16")),)
-    # The larger of the two windows bounds what FFmpeg allocates.
-    if data_pixels > width * height:
-        width, height = x1 - x0 + 1, y1 - y0 + 1
-    return width, height, options, True
+    return attributes, position, flags, data_window, display_window, compression
 
 
 def _exr_chunks(data: bytes, table: int, tiled: int, lines: int, compression: int,

@@ -41,6 +41,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
 import imagecodecs
 import numpy as np
@@ -138,6 +139,7 @@ _SOURCE_FORMATS = {
     "EXR": "exr",
 }
 _FILM_FORMATS = (film.DPX, film.EXR)
+_FILM_HEADER_BYTES = 1 << 16  # holds a DPX header (2 KiB) and any EXR header short of huge custom attributes
 # Pillow's JPEG opener returns MPO itself.
 _OPEN_FORMATS = tuple(f for f in _SOURCE_FORMATS if f != "MPO" and f not in _FILM_FORMATS)
 OUTPUT_FORMATS = ("same", *_FORMATS)
@@ -230,6 +232,18 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> DecodedImage:
         xmp=(xmp.encode() if isinstance(xmp, str) else xmp) or None,
     )
     return DecodedImage(pixels=pixels, info=info)
+
+
+def image_size(handle: BinaryIO, name: str) -> tuple[int, int]:
+    """(width, height) as stored, from the header of the image file open in `handle` (for dry-run estimates: reads
+    the first bytes only; EXIF orientation not applied)."""
+    head = handle.read(_FILM_HEADER_BYTES)
+    if film.sniff(head):
+        return film.picture_size(head, name)
+    handle.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(handle).size
 
 
 def _decode_film(data: bytes, name: str, max_pixels: int) -> DecodedImage:
