@@ -23,7 +23,6 @@ from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
 from pipeline.media.video import (
-    _SWS_FLAGS,
     PRESETS,
     SegmentEncoder,
     VideoEncoding,
@@ -32,7 +31,8 @@ from pipeline.media.video import (
     index_video,
     plan_segments,
 )
-from pipeline.media.video import _quantized as quantized
+from pipeline.media.video.colour import SWS_FLAGS
+from pipeline.media.video.encode import quantized
 
 SHARED_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "Mustache_640x360.mp4"
 
@@ -69,7 +69,7 @@ def main() -> None:
     for frame in upscaled:
         rgb = av.VideoFrame.from_ndarray(quantized(frame, np.uint8), format="rgb24")
         rgb.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709, dst_color_range=ColorRange.MPEG,
-                     interpolation=_SWS_FLAGS, threads=1)
+                     interpolation=SWS_FLAGS, threads=1)
     convert_s, convert_cpu = time.perf_counter() - started, time.process_time() - cpu
 
     results = {"clip": Path(args.clip).name, "frames": len(decoded), "output": f"{width}x{height}",

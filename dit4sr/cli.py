@@ -126,9 +126,9 @@ def upscale_video(job: Job, pipe, scale: int, seed: int, settings: dict, output_
 
     with opened() as handle:
         index = video.index_video(handle, job.source)
-    extension = video.output_container(job.path, index, "h264")
+    encoding = video.VideoEncoding().for_clip(index, index.width * scale, index.height * scale)
+    extension = video.output_container(job.path, index, encoding.codec)
     target = output_dir / PurePosixPath(job.output).with_suffix(extension)
-    encoding = video.VideoEncoding()
     with tempfile.TemporaryDirectory(prefix="dit4sr-video-") as folder:
         staged = []
         for number, segment in enumerate(video.plan_segments(index, segment_frames)):
@@ -141,7 +141,7 @@ def upscale_video(job: Job, pipe, scale: int, seed: int, settings: dict, output_
                 for image in pipe(chunk, upscale=scale, seed=seed, output_type="np", show_progress=False,
                                   **settings).images:
                     encoder.add(image, next(timestamps))
-            staged.append(os.path.join(folder, f"{number:06d}.nut"))
+            staged.append(os.path.join(folder, f"{number:06d}.segment"))
             Path(staged[-1]).write_bytes(encoder.finish())
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.parent / temp_name(target.name)

@@ -83,10 +83,18 @@ class VideoConfig(_Section):
     # consistent: every frame of a clip starts from one noise field (no flicker from noise);
     # independent: a seed per frame (for comparison only).
     noise: Literal["consistent", "independent"] = "consistent"
-    codec: Literal["h264", "h265", "ffv1"] = "h264"
+    # auto: H.264, or H.265 above 4K, above 8 bits and for HDR; prores (422 HQ/4444) and dnxhr (HQX/444) in MOV
+    # and ffv1 (lossless, Matroska) for archive masters.
+    codec: Literal["auto", "h264", "h265", "ffv1", "prores", "dnxhr"] = "auto"
     crf: int = Field(18, ge=0, le=51)
     preset: str = "medium"
     pix_fmt: str | None = None  # None: like the source (10-bit sources stay 10-bit where the codec allows)
+    # Added to the encoder's options: tune, g (keyframe interval), x264-params/x265-params (appended to ours), ...
+    encoder_options: dict[str, str | int | float] = Field(default_factory=dict)
+    # Interlaced sources (tape, DV, DVD, broadcast): auto deinterlaces what is coded interlaced (FFmpeg's bwdif, one
+    # frame per frame), on deinterlaces everything, off upscales woven fields (combing is magnified: wrong for
+    # interlaced content).
+    deinterlace: Literal["auto", "on", "off"] = "auto"
     frames_per_call: int = Field(4, ge=1)  # frames sampled together (their tiles share transformer batches)
     measure_flicker: bool = True  # record each clip's flicker figure (output vs bicubic) in its manifest row
     # Folders (globs relative to input.uri) whose numbered image files are frame sequences, one clip per
@@ -96,10 +104,14 @@ class VideoConfig(_Section):
 
     @model_validator(mode="after")
     def _encodable(self) -> "VideoConfig":
+        self.encoding()  # names the problem
+        return self
+
+    def encoding(self):
         from .media.video import VideoEncoding
 
-        VideoEncoding(codec=self.codec, crf=self.crf, preset=self.preset, pix_fmt=self.pix_fmt)  # names the problem
-        return self
+        return VideoEncoding(codec=self.codec, crf=self.crf, preset=self.preset, pix_fmt=self.pix_fmt,
+                             encoder_options=self.encoder_options)
 
 
 class ActorsConfig(_Section):

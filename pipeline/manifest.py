@@ -85,6 +85,7 @@ SCHEMA = pa.schema([
     ("flicker", pa.float64()),  # mean |frame_t - frame_t-1| of the output / the same of the bicubic input
     ("flicker_pairs", pa.int64()),  # consecutive frame pairs behind `flicker`
     ("reference_motion", pa.float64()),  # the bicubic input's mean |frame_t - frame_t-1| (the denominator)
+    ("processing", pa.string()),  # videos: what was done besides upscaling (deinterlacing, timestamps rebased)
 ])
 COLUMNS = SCHEMA.names
 

@@ -7,11 +7,16 @@ small, so it travels to every actor and task unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .config import JobConfig, fingerprint
+from .config import JobConfig, VideoConfig, fingerprint
 from .media.video import VideoEncoding
+
+# Bumped when the video layer's output bytes change for the same settings (a re-run then redoes videos):
+# 2 = explicit colour tags on every output, BT.709 at HD sizes for SD sources, interlaced sources deinterlaced.
+VIDEO_LAYER_VERSION = 2
 
 
 def _frozen(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -19,10 +24,33 @@ def _frozen(mapping: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 @dataclass(frozen=True)
+class VideoSettings:
+    """What changes a clip's bytes beyond the photo settings: one typed record from the config to the actor."""
+
+    segment_seconds: float
+    noise: str  # consistent | independent
+    deinterlace: str  # auto | on | off
+    encoding: VideoEncoding  # its codec may be `auto`: resolved per clip (`VideoEncoding.for_clip`)
+
+    @classmethod
+    def of(cls, video: VideoConfig) -> "VideoSettings":
+        return cls(segment_seconds=video.segment_seconds, noise=video.noise, deinterlace=video.deinterlace,
+                   encoding=video.encoding())
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        # The encoder's pinned thread count shapes x264/x265 bitstreams: a change of it must redo videos.
+        encoding = dataclasses.asdict(self.encoding)
+        return {"segment_seconds": self.segment_seconds, "noise": self.noise, "deinterlace": self.deinterlace,
+                **{key: encoding[key] for key in ("codec", "crf", "preset", "pix_fmt")},
+                "encoder_options": [list(pair) for pair in self.encoding.encoder_options],
+                "encoder_threads": self.encoding.threads, "video_layer": VIDEO_LAYER_VERSION}
+
+
+@dataclass(frozen=True)
 class RunSpec:
     run_id: str
     _settings: tuple[tuple[str, Any], ...]  # photo settings: model, sampler, seed, scale, output format
-    _video: tuple[tuple[str, Any], ...]  # what else changes a clip's bytes: segmenting, noise mode, encoder
+    video: VideoSettings  # what else changes a clip's bytes: segmenting, noise mode, deinterlacing, encoder
     # What workers need beyond the fingerprinted settings (none of it changes output bytes).
     model_path: str
     model_transformer: str | None
@@ -41,10 +69,7 @@ class RunSpec:
         video = cfg.video
         return cls(
             run_id=run_id, _settings=_frozen(settings),
-            # The encoder's pinned thread count shapes x264/x265 bitstreams: a change of it must redo videos.
-            _video=_frozen({"segment_seconds": video.segment_seconds, "noise": video.noise, "codec": video.codec,
-                            "crf": video.crf, "preset": video.preset, "pix_fmt": video.pix_fmt,
-                            "encoder_threads": VideoEncoding().threads}),
+            video=VideoSettings.of(video),
             model_path=cfg.model.path, model_transformer=cfg.model.transformer, model_release=cfg.model.release,
             model_storage_options=_frozen(cfg.model.storage_options), device=cfg.model.device,
             torch_threads=cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)),
@@ -54,10 +79,6 @@ class RunSpec:
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self._settings)
-
-    @property
-    def video(self) -> dict[str, Any]:
-        return dict(self._video)
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -83,5 +104,5 @@ class RunSpec:
         if unit == "image":
             return image_fingerprint
         if unit == "sequence":
-            return fingerprint({"image": image_fingerprint, "noise": self.video["noise"], "output_format": "same"})
-        return fingerprint({"image": image_fingerprint, **self.video})
+            return fingerprint({"image": image_fingerprint, "noise": self.video.noise, "output_format": "same"})
+        return fingerprint({"image": image_fingerprint, **self.video.fingerprint_fields()})
