@@ -28,17 +28,12 @@ import av
 import numpy as np
 import pytest
 from support import video_corpus as corpus
+from support.video_path import combing, run_video_path
 
 from pipeline.media import MediaError
 from pipeline.media.video import (
-    SegmentEncoder,
     VideoEncoding,
-    assemble,
-    decode_segment,
-    extract_segment,
     index_video,
-    output_container,
-    plan_segments,
 )
 
 SCALE = 4
@@ -180,15 +175,6 @@ def frame_timecodes(frame: av.VideoFrame) -> list[str]:
     return found
 
 
-def combing(frame: np.ndarray) -> float:
-    """Row-alternation energy: how far each row is from the mean of its neighbours (a weave of moving fields
-    alternates row by row), in the lower half of the frame, where the corpus's bar moves over smooth gradients (a
-    progressive frame there measures ~0.1 of 255, its weave ~5.7; the frame-number grid above has edges of its
-    own)."""
-    luma = frame.mean(axis=2)[frame.shape[0] // 2 :]
-    return float(np.abs(luma[1:-1] - 0.5 * (luma[:-2] + luma[2:])).mean())
-
-
 def player_clock(path: pathlib.Path, first_frame: Fraction) -> tuple[Fraction, Fraction | None]:
     """(where the first frame is on a player's clock, the duration a player shows) in seconds. Formats with
     discontinuous broadcast timestamps (MPEG-TS/PS: AVFMT_TS_DISCONT) are shown from their start; others (MP4, MOV,
@@ -229,17 +215,6 @@ class Checks:
         return condition
 
 
-def stage(name: str, call, *args, **kwargs):
-    """Run one pipeline step; an error fails the class, naming the step and the error type."""
-    try:
-        return call(*args, **kwargs)
-    except MediaError as error:
-        raise AssertionError(f"{name} raised {type(error).__name__} (error_type {error.error_type}): {error}"
-                             ) from error
-    except Exception as error:  # anything else is a pipeline bug too, reported the same way
-        raise AssertionError(f"{name} raised {type(error).__name__}: {error}") from error
-
-
 # --- the test ----------------------------------------------------------------------------------------------------
 
 
@@ -272,38 +247,6 @@ def check_corpus(source: Decoded, facts: corpus.Facts, path: pathlib.Path) -> No
     assert not problems, f"corpus clip {path.name} is not what {facts.kind} says: {'; '.join(problems)}"
 
 
-def decode_all(data: bytes, segment, name: str) -> list[np.ndarray]:
-    return list(decode_segment(data, segment, name))
-
-
-def run_video_path(path: pathlib.Path, out_folder: pathlib.Path) -> tuple[pathlib.Path, int]:
-    """The whole video path in-process; returns the output and the number of segments."""
-    name = path.name
-    index = stage("index_video", index_video, str(path), name)
-    segment_frames = max(1, index.frames // 3)
-    segments = stage("plan_segments", plan_segments, index, segment_frames)
-    assert len(segments) >= 3, f"{index.frames} frames planned as {len(segments)} segments"
-    staged = []
-    for segment in segments:
-        where = f"segment {segment.start}-{segment.stop - 1}"
-        data = stage(f"extract_segment ({where})", extract_segment, str(path), segment, name)
-        frames = stage(f"decode_segment ({where})", decode_all, data, segment, name)
-        assert frames, f"decode_segment ({where}) returned no frames"
-        height, width = frames[0].shape[:2]
-        encoder = stage("SegmentEncoder", SegmentEncoder, index, ENCODING, width * SCALE, height * SCALE)
-        top = np.float32(np.iinfo(frames[0].dtype).max)
-        pts = index.pts[segment.start : segment.stop]
-        assert len(frames) == len(pts), f"decode_segment ({where}) returned {len(frames)} of {len(pts)} frames"
-        for pixels, timestamp in zip(frames, pts):
-            upscaled = (pixels.astype(np.float32) / top).repeat(SCALE, axis=0).repeat(SCALE, axis=1)
-            stage(f"SegmentEncoder.add ({where})", encoder.add, upscaled, timestamp)
-        staged.append(stage(f"SegmentEncoder.finish ({where})", encoder.finish))
-    extension = stage("output_container", output_container, name, index, "h264")
-    out = out_folder / f"{path.stem}.x{SCALE}{extension}"
-    stage("assemble", assemble, str(path), staged, str(out), index, name, container=extension)
-    return out, len(segments)
-
-
 @pytest.mark.parametrize("kind", list(corpus.CLASSES))
 def test_video_conformance(video_corpus, kind, tmp_path):
     built = video_corpus[kind]
@@ -321,7 +264,7 @@ def test_video_conformance(video_corpus, kind, tmp_path):
 
     source = decode_plain(path)
     check_corpus(source, facts, path)
-    out, _ = run_video_path(path, tmp_path)
+    out, _ = run_video_path(path, tmp_path, scale=SCALE, encoding=ENCODING)
     output = decode_plain(out, shrink=SCALE)
     checks = Checks()
     count = len(source.frames)
