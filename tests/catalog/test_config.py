@@ -10,6 +10,7 @@ from support.catalog import REPO, job_config
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
 from pipeline.plan import check_output_outside_input, locations
+from pipeline.spec import RunSpec, VideoSettings
 from pipeline.storage import Location, UnsafeKeyError, check_relative_key
 
 
@@ -161,7 +162,27 @@ def test_video_section_is_validated_like_every_other():
     base = {"input": {"uri": "in"}, "output": {"uri": "out"}}
     for video, message in [({"preset": "fastest"}, "preset 'fastest'"), ({"codec": "vp9"}, "video.codec"),
                            ({"noise": "random"}, "video.noise"), ({"segment_seconds": 0}, "video.segment_seconds"),
-                           ({"crf": 60}, "video.crf"), ({"segmnt_seconds": 2}, "video.segmnt_seconds: unknown key")]:
+                           ({"crf": 60}, "video.crf"), ({"segmnt_seconds": 2}, "video.segmnt_seconds: unknown key"),
+                           ({"deinterlace": "yes"}, "video.deinterlace"),
+                           ({"pix_fmt": "yuv420p12le"}, "cannot be written by libx264"),  # auto may pick H.264
+                           ({"encoder_options": {"tune": ["grain"]}}, "video.encoder_options")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             validate_config({**base, "video": video})
     assert validate_config({**base, "video": {"codec": "h265", "preset": "slow"}}).video.codec == "h265"
+    video = validate_config({**base, "video": {"codec": "prores", "deinterlace": "off",
+                                               "encoder_options": {"g": 48, "tune": "grain"}}}).video
+    assert video.encoding().encoder_options == (("g", "48"), ("tune", "grain"))
+    assert validate_config(base).video.codec == "auto" and validate_config(base).video.deinterlace == "auto"
+
+
+def test_video_settings_enter_the_fingerprint_and_reach_workers_typed():
+    base = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "bicubic"}}
+    specs = {name: RunSpec.resolve(validate_config({**base, "video": video}), {"scale": 4}, "run")
+             for name, video in [("default", {}), ("deinterlace", {"deinterlace": "off"}),
+                                 ("options", {"encoder_options": {"tune": "grain"}}), ("codec", {"codec": "h264"}),
+                                 ("frames_per_call", {"frames_per_call": 8})]}
+    video_fingerprints = {name: spec.unit_fingerprint("video", "image") for name, spec in specs.items()}
+    assert len({video_fingerprints[n] for n in ("default", "deinterlace", "options", "codec")}) == 4
+    assert video_fingerprints["frames_per_call"] == video_fingerprints["default"]  # batching changes no bytes
+    assert isinstance(specs["options"].video, VideoSettings)
+    assert specs["options"].video.encoding.encoder_options == (("tune", "grain"),)
