@@ -113,7 +113,7 @@ def _check_segments(segments: list[bytes | str | os.PathLike], index: VideoIndex
                         continue
                     if first_key is None:
                         first_key = packet.is_keyframe
-                    decode_order.append(_rescaled(packet.pts, to_index) + index.pts[0])
+                    decode_order.append(_rescaled(packet.pts, to_index) + index.first_pts)
         except av.FFmpegError as error:
             raise AssemblyError(f"{name}: staged segment {number} cannot be read: {error}") from error
         if reference is None:
@@ -241,7 +241,7 @@ def _video_packets(segments, video, index: VideoIndex, dts: Iterator[int], durat
             for packet in container.demux(stream):
                 if packet.size == 0:
                     continue
-                pts = _rescaled(packet.pts, to_index) + index.pts[0]
+                pts = _rescaled(packet.pts, to_index) + index.first_pts
                 packet.stream = video
                 packet.time_base = index.time_base
                 packet.pts = pts - shift

@@ -237,7 +237,7 @@ class SegmentEncoder:
             pixels = np.pad(pixels, ((0, self.coded_height - self.height), (0, self.coded_width - self.width), (0, 0)),
                             mode="edge")
         coded = colour.from_rgb(pixels, self.pix_fmt, self.colour)
-        coded.pts = pts - self.index.pts[0]
+        coded.pts = pts - self.index.first_pts
         coded.time_base = self.index.time_base
         self._encode(coded)
         self.frames += 1

@@ -55,6 +55,7 @@ class VideoIndex:
     subtitle_codecs: tuple[str, ...]
     leading_frames_dropped: int  # frames before the first keyframe, which cannot be decoded
     content_sha256: str  # codec, extradata, and every packet's pts (in seconds) and payload, in decode order
+    first_pts: int = 0  # pts of frame 0 (kept when a slim copy drops `pts`): staged segments count from it
     field_order: str = "progressive"  # progressive, tt, bb, tb, bt (top/bottom coded/displayed first), unknown
     interlaced: bool = False  # coded as interlaced (fields), by the stream or its first frame
     clock_offset: Fraction = Fraction(0)  # seconds subtracted from every timestamp at assembly (MPEG-TS clocks)
@@ -116,6 +117,7 @@ def index_video(file: Source, name: str, *, max_frames: int | None = None,
         pts=pts,
         keyframes=layout.keyframes,
         start_seek_pts=layout.start_seek_pts,
+        first_pts=pts[0],
         end_pts=end_pts,
         width=first.width,
         height=first.height,
