@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from support.tiny_components import TINY_SETTINGS, pixel_pipeline, tiny_transformer
+from torch._dynamo.utils import counters
 
 from dit4sr.compile import compile_cache_dir
 

@@ -50,10 +50,12 @@ def test_second_order_output_shape_range_and_determinism(seed):
     array = np.asarray(lr)
     assert lr.mode == "RGB" and lr.size == (24, 24) and array.dtype == np.uint8
     assert np.array_equal(array, np.asarray(again))
-    # It is a degradation of this image, not noise: close to the clean bicubic LR on average.
+    # It is a degradation of this image, not noise: close to the clean bicubic LR on average. Over these 12 seeds
+    # the mean moves 0.02-0.83 grey levels and the correlation is 0.44-0.88; the bounds leave about 2x margin on
+    # the mean (a brightness or contrast slip of a few levels fails) and 0.09 on the correlation.
     clean = np.asarray(bicubic_downscale(hr, 4), dtype=np.float64)
-    assert abs(array.mean() - clean.mean()) < 25
-    assert np.corrcoef(array.ravel(), clean.ravel())[0, 1] > 0.3
+    assert abs(array.mean() - clean.mean()) < 2.0
+    assert np.corrcoef(array.ravel(), clean.ravel())[0, 1] > 0.35
 
 
 def test_realistic_prob_selects_the_second_order_path():

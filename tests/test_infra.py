@@ -17,10 +17,11 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from support import SHARED, missing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
-CRDS = REPO.parent / "shared" / "kuberay-crds"
+CRDS = SHARED / "kuberay-crds"
 IMAGE_PARAMETER = "<registry>/dit4sr-catalog:<tag>"
 MANIFESTS = sorted(path.name for path in INFRA.glob("*.yaml") if path.name != "cluster-launcher.yaml")
 
@@ -56,7 +57,7 @@ def _closed(schema):
 def crds() -> dict[str, dict]:
     """KubeRay's CRDs by kind (a megabyte of YAML each: libyaml's loader)."""
     if not CRDS.is_dir():
-        pytest.skip(f"no KubeRay CRDs at {CRDS}")
+        missing(f"KubeRay CRDs at {CRDS}")
     loaded = [yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
               for path in sorted(CRDS.glob("*.yaml"))]
     return {crd["spec"]["names"]["kind"]: crd for crd in loaded}

@@ -11,9 +11,7 @@ import sys
 from collections import Counter
 from urllib.parse import urlsplit
 
-import boto3
 import s3fs
-from support.s3_server import moto_server, recorded_requests
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODEL = {
@@ -36,24 +34,19 @@ print(storage.local_copy(sys.argv[1], storage_options=json.loads(sys.argv[2])))
 """
 
 
-def test_processes_starting_together_download_a_remote_model_once(tmp_path):
-    recording = tmp_path / "requests.jsonl"
-    with moto_server(MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(recording)) as url:
-        boto3.client("s3", endpoint_url=url, aws_access_key_id="k", aws_secret_access_key="s",
-                     region_name="us-east-1").create_bucket(Bucket="models")
-        options = {"key": "k", "secret": "s", "endpoint_url": url, "client_kwargs": {"region_name": "us-east-1"}}
-        fs = s3fs.S3FileSystem(**options)
-        for key, data in MODEL.items():
-            fs.pipe_file(f"models/tiny/{key}", data)
-        go = tmp_path / "go"
-        env = {**os.environ, "DIT4SR_CACHE": str(tmp_path / "cache")}
-        askers = [subprocess.Popen([sys.executable, "-c", ASK, "s3://models/tiny", json.dumps(options), str(go),
-                                    str(STORAGE)],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                  for _ in range(4)]
-        go.touch()
-        results = [asker.communicate(timeout=300) for asker in askers]
-        requests = recorded_requests(str(recording))
+def test_processes_starting_together_download_a_remote_model_once(tmp_path, bucket, s3_options, s3_requests):
+    fs = s3fs.S3FileSystem(**s3_options)
+    for key, data in MODEL.items():
+        fs.pipe_file(f"{bucket}/tiny/{key}", data)
+    go = tmp_path / "go"
+    env = {**os.environ, "DIT4SR_CACHE": str(tmp_path / "cache")}
+    askers = [subprocess.Popen([sys.executable, "-c", ASK, f"s3://{bucket}/tiny", json.dumps(s3_options), str(go),
+                                str(STORAGE)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    go.touch()
+    results = [asker.communicate(timeout=300) for asker in askers]
+    requests = s3_requests()
 
     assert all(asker.returncode == 0 for asker in askers), [err for _, err in results]
     copies = {out.strip() for out, _ in results}
@@ -62,7 +55,7 @@ def test_processes_starting_together_download_a_remote_model_once(tmp_path):
     assert copy.parent == tmp_path / "cache"  # the node-local cache
     assert {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == MODEL
     downloads = Counter(urlsplit(request["url"]).path for request in requests
-                        if request["method"] == "GET" and urlsplit(request["url"]).path.startswith("/models/")
+                        if request["method"] == "GET" and urlsplit(request["url"]).path.startswith(f"/{bucket}/")
                         and not urlsplit(request["url"]).query)  # object GETs, not listings
-    assert downloads == {f"/models/tiny/{key}": 1 for key in MODEL}  # once each, though four processes asked
+    assert downloads == {f"/{bucket}/tiny/{key}": 1 for key in MODEL}  # once each, though four processes asked
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".partial-")]

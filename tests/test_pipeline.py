@@ -13,7 +13,7 @@ from support.tiny_components import (
     tiny_transformer,
 )
 
-from dit4sr import SAMPLER_VERSION, DiT4SRTransformerOutput, compose_prompt
+from dit4sr import DiT4SRTransformerOutput, compose_prompt
 from dit4sr.devices import resolve_device, resolve_dtype
 from dit4sr.pipeline_dit4sr import OFFICIAL_SETTINGS
 from dit4sr.prompt_cache import PromptEncoder
@@ -283,10 +283,6 @@ def test_devices_and_dtypes():
             resolve_device("cuda")
 
 
-def test_sampler_version_is_a_string():
-    assert isinstance(SAMPLER_VERSION, str) and SAMPLER_VERSION
-
-
 def test_progress_bar_counts_steps_times_tiles_and_can_be_silenced(capsys):
     pipe = tiny_pipeline()
     image = random_image(37, 53)
@@ -304,7 +300,9 @@ def test_half_precision_runs_close_to_float32():
     pipe.to(dtype=torch.bfloat16)
     half = pipe(image, **FAST).images[0]
     assert half.dtype == np.float32 and np.isfinite(half).all()
-    assert np.abs(half - full).mean() < 0.05
+    # bfloat16 really ran (the result moved) and stayed close: measured mean 0.0031 (max 0.089) on this image;
+    # the bound leaves 3x margin for other CPUs' kernels
+    assert 0 < np.abs(half - full).mean() < 0.01
 
 
 # -- frames: one noise field, tiles batched across images -------------------------------------------------------

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 from support.tiny_components import save_model_root, tiny_pipeline, tiny_text_components
 
 import dit4sr
@@ -76,28 +75,17 @@ def test_official_arrangement_sd3_root_plus_dit4sr_transformer(tmp_path, referen
     assert pipe(IMAGE, **FAST).images[0].tobytes() == reference(IMAGE, **FAST).images[0].tobytes()
 
 
-def test_loading_from_s3(tmp_path, reference, monkeypatch):
+def test_loading_from_s3(tmp_path, reference, monkeypatch, bucket, s3_options):
+    import s3fs
+
     monkeypatch.setenv("DIT4SR_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "model"
     save_model_root(reference, root, recommended={"tile_size": 32})
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        import boto3
-        import s3fs
-
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1", aws_access_key_id="k",
-                     aws_secret_access_key="s").create_bucket(Bucket="models")
-        options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
-                                                                "region_name": "us-east-1"}}
-        s3fs.S3FileSystem(**options).put(str(root), "models/tiny", recursive=True)
-        pipe = DiT4SRPipeline.from_pretrained("s3://models/tiny", storage_options=options)
-        assert pipe.recommended_settings == {"tile_size": 32}
-        assert pipe.null_prompt_embedding is not None
-        assert pipe(IMAGE, **FAST).images[0].tobytes() == reference(IMAGE, tile_size=32, **FAST).images[0].tobytes()
-    finally:
-        server.stop()
+    s3fs.S3FileSystem(**s3_options).put(str(root), f"{bucket}/tiny", recursive=True)
+    pipe = DiT4SRPipeline.from_pretrained(f"s3://{bucket}/tiny", storage_options=s3_options)
+    assert pipe.recommended_settings == {"tile_size": 32}
+    assert pipe.null_prompt_embedding is not None
+    assert pipe(IMAGE, **FAST).images[0].tobytes() == reference(IMAGE, tile_size=32, **FAST).images[0].tobytes()
 
 
 def test_bad_roots_and_settings(tmp_path, reference):

@@ -4,7 +4,6 @@ import pickle
 
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 from support.tiny_components import null_embedding, tiny_text_components
 
 from dit4sr.prompt_cache import (
@@ -78,25 +77,13 @@ def test_entry_for_another_prompt_is_rejected(tmp_path):
         cache.get("a dog", "enc")
 
 
-def test_s3_cache_over_the_real_s3_api():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": f"http://{host}:{port}",
-                                                                      "region_name": "us-east-1"}}
-        import boto3
-
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="prompts")
-        cache = PromptEmbeddingCache("s3://prompts/cache", storage_options=options)
-        embedding = null_embedding(seed=3)
-        cache.put("a cat", "enc", embedding)
-        fresh = PromptEmbeddingCache("s3://prompts/cache", storage_options=options)
-        assert torch.equal(fresh.get("a cat", "enc").prompt_embeds, embedding.prompt_embeds)
-        assert fresh.get("a dog", "enc") is None
-    finally:
-        server.stop()
+def test_s3_cache_over_the_real_s3_api(bucket, s3_options):
+    cache = PromptEmbeddingCache(f"s3://{bucket}/cache", storage_options=s3_options)
+    embedding = null_embedding(seed=3)
+    cache.put("a cat", "enc", embedding)
+    fresh = PromptEmbeddingCache(f"s3://{bucket}/cache", storage_options=s3_options)
+    assert torch.equal(fresh.get("a cat", "enc").prompt_embeds, embedding.prompt_embeds)
+    assert fresh.get("a dog", "enc") is None
 
 
 def test_official_null_embedding_files(tmp_path):

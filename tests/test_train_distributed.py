@@ -1,10 +1,8 @@
-"""Ray Train data-parallel training (TorchTrainer, DDP over gloo) with 2 CPU workers on a real local Ray,
-checkpoints through Ray Train's storage on a real S3 API (moto over HTTP, s3fs)."""
+"""Ray Train data-parallel training (TorchTrainer, DDP over gloo) with 2 CPU workers on the session's real local
+Ray, checkpoints through Ray Train's storage on a real S3 API (the session's moto server over HTTP, s3fs)."""
 
 import json
-import os
 import pathlib
-import uuid
 
 import numpy as np
 import pytest
@@ -15,40 +13,12 @@ from support.training import train_config
 from dit4sr.train import Trainer, TrainingInputError, main
 from dit4sr.training.distributed import train_distributed
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# Ray's worker processes import dit4sr from the checkout.
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("few_torch_threads")]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("few_torch_threads", "ray_local")]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def s3():
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    bucket = f"runs-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
-    yield bucket, {"key": "testing", "secret": "testing", "endpoint_url": endpoint,
-                   "client_kwargs": {"region_name": "us-east-1"}}
-    server.stop()
+@pytest.fixture
+def s3(bucket, s3_options):
+    return bucket, s3_options
 
 
 def _distributed_config(tmp_path, s3, batch_size, run_name):
@@ -67,7 +37,7 @@ def _checkpoint_state(result) -> tuple[list[float], dict]:
                                                                                "diffusion_pytorch_model.safetensors"))
 
 
-def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(tmp_path, ray_cluster, s3):
+def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(tmp_path, s3):
     # One process, global batch 4 from the same two data shards.
     single = Trainer(_distributed_config(tmp_path / "single", s3, batch_size=4, run_name="unused"))
     single_losses = single.fit(show_progress=False)
@@ -100,7 +70,7 @@ def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(
         assert json.load(f)["transformer"] == ["dit4sr", "DiT4SRTransformer2DModel"]
 
 
-def test_a_bad_input_met_by_the_workers_is_named(tmp_path, ray_cluster, s3, capsys):
+def test_a_bad_input_met_by_the_workers_is_named(tmp_path, s3, capsys):
     config = _distributed_config(tmp_path, s3, batch_size=2, run_name="bad")
     raw = __import__("yaml").safe_load((tmp_path / "train.yaml").read_text())
     raw["data"]["roots"] = [str(tmp_path / "no-such-photos")]

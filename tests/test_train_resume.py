@@ -43,6 +43,7 @@ def test_resumed_ema_and_export_are_bit_identical(tmp_path):
     resumed = Trainer(config)
     assert resumed.resume() and resumed.step == 3
     assert resumed.fit(show_progress=False) == losses[3:]
+    assert_same_tensors(straight.transformer.state_dict(), resumed.transformer.state_dict())  # trained weights
 
     assert len(resumed.ema) == len(straight.ema) > 0
     assert all(torch.equal(a, b) for a, b in zip(straight.ema, resumed.ema))

@@ -14,9 +14,8 @@ import time
 import pyarrow.dataset as pads
 import pytest
 import s3fs
-from support.catalog import image_bytes, job_config
+from support.catalog import Job, image_bytes, job_config, session_ray_address
 from support.fault_proxy import FaultProxy, random_faults
-from support.catalog import Job, session_ray_address
 
 from pipeline import media
 from pipeline.engine import BicubicEngine

@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from support.catalog import small_catalog, write_catalog
-from test_dit4sr_engine import _config, tiny_model_root  # noqa: F401 - the module's tiny model fixture
+from support.catalog import image_bytes, job_config, manifests, write_catalog
 
 from pipeline.config import ConfigError, load_config, validate_config
 from pipeline.engine import COMPILE_SCHEME, compile_enabled, resolve_settings
 from pipeline.run import EXIT_OK, run_job
 from pipeline.spec import RunSpec
+
+
+def _config(tmp_path, root, **sections) -> dict:
+    return job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": str(root), "device": "cpu"},
+                      **sections)
 
 
 def _settings(tmp_path, root, compute=None, device="cpu"):
@@ -28,8 +32,8 @@ def _settings(tmp_path, root, compute=None, device="cpu"):
     ({"gpus_per_actor": 1, "compile": "off"}, None, False),
     ({"compile": "on"}, "cpu", True),
 ])
-def test_compile_resolves_at_plan_time(tiny_model_root, tmp_path, compute, device, compiled):
-    cfg_dict = _config(tmp_path, tiny_model_root, compute=compute)
+def test_compile_resolves_at_plan_time(tiny_text_model_root, tmp_path, compute, device, compiled):
+    cfg_dict = _config(tmp_path, tiny_text_model_root, compute=compute)
     cfg_dict["model"]["device"] = device
     cfg = validate_config(cfg_dict)
     assert compile_enabled(cfg) is compiled
@@ -38,18 +42,18 @@ def test_compile_resolves_at_plan_time(tiny_model_root, tmp_path, compute, devic
     assert RunSpec.resolve(cfg, settings, "run").compile is compiled
 
 
-def test_compile_is_in_the_fingerprint_and_eager_fingerprints_are_unchanged(tiny_model_root, tmp_path):
-    eager = _settings(tmp_path, tiny_model_root)
-    compiled = _settings(tmp_path, tiny_model_root, {"compile": "on"})
+def test_compile_is_in_the_fingerprint_and_eager_fingerprints_are_unchanged(tiny_text_model_root, tmp_path):
+    eager = _settings(tmp_path, tiny_text_model_root)
+    compiled = _settings(tmp_path, tiny_text_model_root, {"compile": "on"})
     assert "compile" not in eager  # runs made before compiling existed keep their fingerprints
-    cfg = validate_config(_config(tmp_path, tiny_model_root))
+    cfg = validate_config(_config(tmp_path, tiny_text_model_root))
 
     def spec(settings):
         return RunSpec.resolve(cfg, settings, "run")
 
     assert spec(eager).fingerprint != spec(compiled).fingerprint
     # batch sizes stay out of it: they change rounding only
-    batched = _settings(tmp_path, tiny_model_root, {"batch_size": 7, "compile": "on"})
+    batched = _settings(tmp_path, tiny_text_model_root, {"batch_size": 7, "compile": "on"})
     assert spec(batched).fingerprint == spec(compiled).fingerprint and "tile_batch_size" not in compiled
 
 
@@ -62,12 +66,11 @@ def test_yaml_on_off_and_bad_values(tmp_path):
         load_config(path, ["compute.compile=sometimes"])
 
 
-def test_summary_records_the_actors_tile_batch(ray_local, tiny_model_root, tmp_path):
-    write_catalog(tmp_path / "in", small_catalog(3))
-    assert run_job(validate_config(_config(tmp_path, tiny_model_root, upscale={"scale": 2}))) == EXIT_OK
+def test_summary_records_the_actors_tile_batch(ray_local, tiny_text_model_root, tmp_path):
+    write_catalog(tmp_path / "in", {"a.png": image_bytes(8, 8, seed=1), "b.png": image_bytes(8, 8, seed=2)})
+    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, upscale={"scale": 2}))) == EXIT_OK
     summary = json.loads(next((tmp_path / "out").glob("_manifests/run=*/_summary.json")).read_text())
-    chosen = summary["settings"]["tile_batch_size"]
-    assert isinstance(chosen, int) and chosen >= 1  # the CPU budget's choice, not a manifest column
-    from support.catalog import manifests
-
-    assert "engine_settings" not in manifests(tmp_path / "out").columns
+    # The CPU budget's choice (2 GiB of activations) for these tiles: an 8x8 input x2 is one 4x4-latent tile of
+    # 2 x 16 / 2^2 image tokens + 154 prompt tokens, twice (guidance 2), x transformer width 16 x 24 bytes each.
+    assert summary["settings"]["tile_batch_size"] == (2 << 30) // ((2 * 16 // 2**2 + 154) * 2 * 16 * 24) == 17260
+    assert "engine_settings" not in manifests(tmp_path / "out").columns  # a summary setting, not a manifest column

@@ -1,41 +1,20 @@
-"""The DiT4SR engine inside the catalog job: a tiny random model saved as a model root, and the bundled model."""
+"""The DiT4SR engine inside the catalog job: the session's tiny random model with text encoders
+(``tiny_text_model_root``), and the bundled model."""
 
 from __future__ import annotations
 
 import json
 import pathlib
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from support.catalog import REPO, image_bytes, job_config, manifests, small_catalog, write_catalog
+from support.tiny_components import TINY_TEXT_RECOMMENDED as RECOMMENDED
 
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
 from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
-
-RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_size": 8, "tile_overlap": 4,
-               "process_size": 16, "color_fix": "adain"}
-
-
-@pytest.fixture(scope="module")
-def tiny_model_root(tmp_path_factory) -> pathlib.Path:
-    from support.tiny_components import pixel_pipeline, save_model_root, tiny_text_components
-
-    root = tmp_path_factory.mktemp("models") / "tiny-dit4sr"
-    save_model_root(_with_text(pixel_pipeline, tiny_text_components), root, recommended=RECOMMENDED,
-                    text_encoders=True)
-    return root
-
-
-def _with_text(make_pipeline, text_components):
-    from support.tiny_components import null_embedding
-
-    pipe = make_pipeline()
-    for name, component in text_components().items():
-        setattr(pipe, name, component)
-    # as in real models, the stored null prompt has the encoders' sequence length (2 x 77 tokens)
-    pipe.null_prompt_embedding = null_embedding(tokens=154)
-    return pipe
 
 
 def _config(tmp_path: pathlib.Path, root: pathlib.Path, out: str = "out", **sections) -> dict:
@@ -43,28 +22,41 @@ def _config(tmp_path: pathlib.Path, root: pathlib.Path, out: str = "out", **sect
                       **sections)
 
 
-def test_null_settings_resolve_to_the_models_recommendations(tiny_model_root, tmp_path):
-    implicit = resolve_settings(validate_config(_config(tmp_path, tiny_model_root)))
+def test_null_settings_resolve_to_the_models_recommendations(tiny_text_model_root, tmp_path):
+    implicit = resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root)))
     assert implicit["num_inference_steps"] == 2 and implicit["tile_size"] == 8 and implicit["process_size"] == 16
-    explicit = resolve_settings(validate_config(_config(tmp_path, tiny_model_root, upscale={"steps": 2})))
+    explicit = resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root, upscale={"steps": 2})))
     assert fingerprint(implicit) == fingerprint(explicit)  # what ran is what counts
-    changed = resolve_settings(validate_config(_config(tmp_path, tiny_model_root, upscale={"steps": 3})))
+    changed = resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root, upscale={"steps": 3})))
     assert fingerprint(changed) != fingerprint(implicit)
 
 
-def test_dry_run_estimates_tiles_times_steps(tiny_model_root, tmp_path, capsys):
+def test_a_sampler_version_bump_changes_the_fingerprint(tiny_text_model_root, tmp_path, monkeypatch):
+    """dit4sr.SAMPLER_VERSION is bumped when a sampler change alters output bytes: the catalog then redoes its
+    outputs, because the version is part of the config fingerprint."""
+    import dit4sr
+
+    config = validate_config(_config(tmp_path, tiny_text_model_root))
+    before = resolve_settings(config)
+    monkeypatch.setattr(dit4sr, "SAMPLER_VERSION", dit4sr.SAMPLER_VERSION + ".next")
+    after = resolve_settings(config)
+    assert fingerprint(after) != fingerprint(before)
+    assert {key for key in before if before[key] != after[key]} == {"sampler_version"}
+
+
+def test_dry_run_estimates_tiles_times_steps(tiny_text_model_root, tmp_path, capsys):
 
     write_catalog(tmp_path / "in", {"wide.png": image_bytes(40, 8), "small.png": image_bytes(4, 4)})
     # Working sizes (short side raised to process_size // scale = 8, then x2, /4 for the pixel-unshuffle VAE):
     # wide 40x8 -> latent 20x4 -> 4 tiles of 8 with overlap 4; small 4x4 -> latent 4x4 -> 1 tile.
-    assert run_job(validate_config(_config(tmp_path, tiny_model_root)), dry_run=True) == EXIT_OK
+    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root)), dry_run=True) == EXIT_OK
     printed = capsys.readouterr().out
     assert "process wide.png -> wide.png  40x8  tiles=4" in printed
     assert "process small.png -> small.png  4x4  tiles=1" in printed
     assert "estimated cost 5 tiles x 2 steps = 10 tile-steps" in printed
 
 
-def test_dry_run_tile_counts_are_what_the_sampler_runs(tiny_model_root, tmp_path, capsys):
+def test_dry_run_tile_counts_are_what_the_sampler_runs(tiny_text_model_root, tmp_path, capsys):
     """Tiny and extreme shapes: the dry run asks dit4sr's own geometry, so it neither crashes (a 1x1 PNG) nor
     under-counts (400x4), and a clip's estimate is its frames times one frame's tiles."""
     from support import video_clips
@@ -74,10 +66,10 @@ def test_dry_run_tile_counts_are_what_the_sampler_runs(tiny_model_root, tmp_path
     write_catalog(tmp_path / "in", {"dot.png": image_bytes(1, 1), "strip.png": image_bytes(400, 4),
                                     "tall.png": image_bytes(3, 90)})
     video_clips.write_clip(tmp_path / "in" / "clip.mp4", frames=10, size=(24, 16))
-    assert run_job(validate_config(_config(tmp_path, tiny_model_root, video={"segment_seconds": 0.2})),
+    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, video={"segment_seconds": 0.2})),
                    dry_run=True) == EXIT_OK
     printed = capsys.readouterr().out
-    pipe = dit4sr.DiT4SRPipeline.from_pretrained(str(tiny_model_root), device="cpu")
+    pipe = dit4sr.DiT4SRPipeline.from_pretrained(str(tiny_text_model_root), device="cpu")
     for key, (width, height) in {"dot.png": (1, 1), "strip.png": (400, 4), "tall.png": (3, 90)}.items():
         tiles = pipe.geometry(height, width, 2).tiles  # job_config upscales x2
         assert f"process {key} -> {key}  {width}x{height}  tiles={tiles}" in printed
@@ -87,7 +79,7 @@ def test_dry_run_tile_counts_are_what_the_sampler_runs(tiny_model_root, tmp_path
 
 
 @pytest.mark.slow
-def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_root, tmp_path):
+def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_text_model_root, tmp_path):
     files = small_catalog(4)
     write_catalog(tmp_path / "in", files)
     prompts = tmp_path / "prompts.csv"
@@ -95,7 +87,7 @@ def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_
     prompts.write_text(f'source,prompt\n"{first}",a red cat photo\n')
     sections = {"upscale": {"scale": 2, "seed": 7, "prompts_uri": str(prompts)},
                 "compute": {"batch_size": 2, "actors": {"min": 1, "max": 1}}}
-    assert run_job(validate_config(_config(tmp_path, tiny_model_root, **sections))) == EXIT_OK
+    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, **sections))) == EXIT_OK
     rows = pq.read_table(sorted((tmp_path / "out").glob("_manifests/run=*/part-*.parquet"))).to_pandas()
     assert set(rows.status) == {"ok"} and sorted(rows.source_key) == sorted(files)
     assert ((rows.out_width == rows.width * 2) & (rows.out_height == rows.height * 2)).all()
@@ -105,7 +97,7 @@ def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_model_
 
     # the same inputs in other batches on another actor pool give the same bytes
     other = {**sections, "compute": {"batch_size": 3, "actors": {"min": 2, "max": 2}}}
-    assert run_job(validate_config(_config(tmp_path, tiny_model_root, out="again", **other))) == EXIT_OK
+    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, out="again", **other))) == EXIT_OK
     for key in rows.output_key:
         assert (tmp_path / "out" / key).read_bytes() == (tmp_path / "again" / key).read_bytes(), key
 
@@ -132,10 +124,10 @@ def _official_arrangement(combined: pathlib.Path, base: pathlib.Path, dit4sr_roo
 
 
 @pytest.mark.slow
-def test_a_thin_image_is_refused_for_the_canvas_it_would_sample(ray_local, tiny_model_root, tmp_path):
+def test_a_thin_image_is_refused_for_the_canvas_it_would_sample(ray_local, tiny_text_model_root, tmp_path):
     """DiT4SR raises the short side to its process size: a 60x1 strip outputs 120x2 pixels but samples 960x16."""
     write_catalog(tmp_path / "in", {"strip.png": image_bytes(60, 1), "square.png": image_bytes(8, 8)})
-    config = _config(tmp_path, tiny_model_root, upscale={"scale": 2}, limits={"max_output_pixels": 10_000})
+    config = _config(tmp_path, tiny_text_model_root, upscale={"scale": 2}, limits={"max_output_pixels": 10_000})
     assert run_job(validate_config(config)) == EXIT_INPUTS_FAILED
     rows = manifests(tmp_path / "out").set_index("source_key")
     assert rows.loc["square.png"].status == "ok"
@@ -143,23 +135,28 @@ def test_a_thin_image_is_refused_for_the_canvas_it_would_sample(ray_local, tiny_
     assert "sampled on a 960x16 canvas (process size 16)" in rows.loc["strip.png"].error_message
 
 
-def test_official_arrangement_sd35_root_plus_dit4sr_root(ray_local, tiny_model_root, tmp_path):
+def test_official_arrangement_sd35_root_plus_dit4sr_root(tiny_text_model_root, tmp_path):
+    """The job's side of the official layout (loading it is test_pipeline_loading's): the config asks for the
+    DiT4SR root, settings come from it, and the engine an actor builds from it upscales as the combined root's."""
+    from pipeline.engine import load_engine
+    from pipeline.spec import RunSpec
+
     base, official = tmp_path / "sd3.5-medium", tmp_path / "dit4sr_r1"
-    _official_arrangement(tiny_model_root, base, official)
-    write_catalog(tmp_path / "in", small_catalog(3))
-    sections = {"upscale": {"scale": 2, "seed": 3}, "compute": {"batch_size": 3, "actors": {"min": 1, "max": 1}}}
-    split = _config(tmp_path, base, out="split", **sections)
+    _official_arrangement(tiny_text_model_root, base, official)
+    sections = {"upscale": {"scale": 2, "seed": 3, "guidance_scale": 1.0}}
+    split = _config(tmp_path, base, **sections)
     split["model"]["transformer"] = str(official)
     with pytest.raises(ConfigError, match="set model.transformer"):
         resolve_settings(validate_config(_config(tmp_path, base, **sections)))
-    settings = resolve_settings(validate_config(split))
-    assert settings["num_inference_steps"] == RECOMMENDED["num_inference_steps"]  # read from the DiT4SR root
-    assert run_job(validate_config(split)) == EXIT_OK
-    assert run_job(validate_config(_config(tmp_path, tiny_model_root, out="combined", **sections))) == EXIT_OK
-    split_outputs = sorted((tmp_path / "split").rglob("*.png"))
-    assert len(split_outputs) == 3
-    for path in split_outputs:
-        assert path.read_bytes() == (tmp_path / "combined" / path.relative_to(tmp_path / "split")).read_bytes()
+    image = np.random.default_rng(0).random((12, 10, 3), dtype=np.float32)
+    upscaled = []
+    for config in (split, _config(tmp_path, tiny_text_model_root, **sections)):
+        cfg = validate_config(config)
+        settings = resolve_settings(cfg)
+        assert settings["num_inference_steps"] == RECOMMENDED["num_inference_steps"]  # from the DiT4SR root
+        engine = load_engine(RunSpec.resolve(cfg, settings, "run"), device="cpu")
+        upscaled.append(engine.upscale(image, seed=3, prompt=""))
+    assert upscaled[0].shape == (24, 20, 3) and np.array_equal(upscaled[0], upscaled[1])
 
 
 def test_model_without_text_encoders_refuses_a_prompt(tmp_path):

@@ -1,33 +1,28 @@
-"""Faults: an actor killed mid-batch, the driver killed mid-run and re-run, and the job's exit codes."""
+"""Faults: an actor killed mid-batch, the driver killed mid-run and re-run. (The job's exit codes:
+test_preflight.py.)"""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pathlib
 import signal
-import subprocess
-import sys
 
 import duckdb
 import pytest
-import yaml
 from support.catalog import (
-    REPO,
+    Job,
     job_config,
     manifests,
     outputs,
     run_index,
+    session_ray_address,
     small_catalog,
     write_catalog,
 )
 
 from pipeline.config import validate_config
 from pipeline.manifest import read_manifests
-from pipeline.run import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_OK, run_job
+from pipeline.run import EXIT_OK, run_job
 from pipeline.storage import Location
-
-JOB = REPO / "jobs" / "upscale_catalog.py"
 
 
 def test_actor_killed_mid_batch_loses_and_duplicates_nothing(ray_local, marker_dir, tmp_path):
@@ -46,17 +41,6 @@ def test_actor_killed_mid_batch_loses_and_duplicates_nothing(ray_local, marker_d
     assert outputs(tmp_path / "out") == outputs(tmp_path / "reference")  # bicubic = bicubic: same bytes
 
 
-def _write_config(path: pathlib.Path, config: dict) -> pathlib.Path:
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _job(config: pathlib.Path, *extra: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "CATALOG_TEST_SLOW_S": "0.3"}
-    return subprocess.Popen([sys.executable, str(JOB), "--config", str(config), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
 # -- kill and resume with the bundled DiT4SR model (the seed matters), at deterministic points ------------------------
 BUNDLED = {"model": {"path": "bundled"}, "upscale": {"scale": 4},
            "compute": {"batch_size": 2, "actors": {"min": 1, "max": 1}, "torch_threads": 1},
@@ -66,33 +50,16 @@ KILLED = -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")
-def bundled_reference(tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
-    """A catalog of tiny photos and an uninterrupted run's outputs (in a job process of its own, like the rest)."""
+def bundled_reference(ray_session, tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
+    """A catalog of tiny photos and an uninterrupted run's outputs (a job process like the rest, joining the
+    session's Ray: only the killed runs need a Ray of their own)."""
     root = tmp_path_factory.mktemp("bundled")
     files = small_catalog(6)
     write_catalog(root / "in", files)
-    config = _write_config(root / "reference.yaml", job_config(str(root / "in"), str(root / "reference"), **BUNDLED))
-    job = _bundled_job(config)
-    assert _finish(job) == EXIT_OK, job.log
+    job = Job(job_config(str(root / "in"), str(root / "reference"), **BUNDLED), root / "reference.yaml",
+              env={"RAY_ADDRESS": session_ray_address()})
+    assert job.finish() == EXIT_OK, job.log
     return root / "in", outputs(root / "reference")
-
-
-def _bundled_job(config: pathlib.Path, kill_at: str | None = None) -> subprocess.Popen:
-    """The job in a session of its own with its own local Ray, so a kill hook's SIGKILL of its process group takes
-    the driver, Ray and the workers, and nothing else. The hook leaves its point's name in ``<config>.killed``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "DIT4SR_TEST_KILL"))}
-    if kill_at:
-        env.update(DIT4SR_TEST_KILL_AT=kill_at, DIT4SR_TEST_KILL_MARKER=str(config.with_suffix(".killed")))
-    return subprocess.Popen([sys.executable, str(JOB), "--config", str(config)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _finish(job: subprocess.Popen) -> int:
-    log, _ = job.communicate(timeout=600)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(job.pid, signal.SIGKILL)  # whatever a killed job's group left behind
-    job.log = log
-    return job.returncode
 
 
 def user_duplicates(output: pathlib.Path) -> list:
@@ -112,13 +79,15 @@ def user_ok_rows(output: pathlib.Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(bundled_reference, tmp_path):
+def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(ray_local, bundled_reference,
+                                                                          tmp_path):
     source, reference = bundled_reference
     output = tmp_path / "out"
-    config = _write_config(tmp_path / "job.yaml", job_config(str(source), str(output), **BUNDLED))
+    config = job_config(str(source), str(output), **BUNDLED)
     # killed once the run has committed one batch's part, as the next batch's outputs are written and its part is not
-    killed = _bundled_job(config, kill_at="after_output_write:1")
-    assert _finish(killed) == KILLED and config.with_suffix(".killed").read_text() == "after_output_write", killed.log
+    # (a job with a Ray of its own: the kill takes the driver, its Ray and the workers)
+    killed = Job(config, tmp_path / "job.yaml", kill_at="after_output_write:1")
+    assert killed.finish() == KILLED and killed.killed_at == "after_output_write", killed.log
     recorded = read_manifests(Location(str(output), {})).to_pandas()  # the killed run's committed batch parts
     written = outputs(output)
     done = len(recorded)  # 2 or more: write tasks may run side by side
@@ -126,8 +95,8 @@ def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(bund
     assert len(written) > len(recorded)  # outputs whose manifest part was never committed: the window was hit
     assert user_duplicates(output) == [] and user_ok_rows(output) == []  # the run was not committed: none shown
 
-    resumed = _bundled_job(config)
-    assert _finish(resumed) == EXIT_OK, resumed.log
+    resumed = Job(config, tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
+    assert resumed.finish() == EXIT_OK, resumed.log
     assert outputs(output) == reference  # byte-identical to the uninterrupted run, nothing partial
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
     runs = run_index(output)
@@ -138,19 +107,19 @@ def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(bund
 
 
 @pytest.mark.slow
-def test_kill_inside_compaction_never_shows_a_row_twice(bundled_reference, tmp_path):
+def test_kill_inside_compaction_never_shows_a_row_twice(ray_local, bundled_reference, tmp_path):
     source, reference = bundled_reference
     output = tmp_path / "out"
-    config = _write_config(tmp_path / "job.yaml", job_config(str(source), str(output), **BUNDLED))
-    killed = _bundled_job(config, kill_at="inside_compaction")
-    assert _finish(killed) == KILLED and config.with_suffix(".killed").read_text() == "inside_compaction", killed.log
+    config = job_config(str(source), str(output), **BUNDLED)
+    killed = Job(config, tmp_path / "job.yaml", kill_at="inside_compaction")
+    assert killed.finish() == KILLED and killed.killed_at == "inside_compaction", killed.log
     assert outputs(output) == reference
     # the run's file was committed before its parts went: every input once, none twice
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
     assert len(list(output.glob("_manifests/run=*/parts/part-*.parquet"))) >= 2  # killed with parts half deleted
 
-    resumed = _bundled_job(config)
-    assert _finish(resumed) == EXIT_OK, resumed.log
+    resumed = Job(config, tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
+    assert resumed.finish() == EXIT_OK, resumed.log
     assert outputs(output) == reference
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
     assert not list(output.glob("_manifests/run=*/parts"))  # the interrupted commit was finished
@@ -160,24 +129,3 @@ def test_kill_inside_compaction_never_shows_a_row_twice(bundled_reference, tmp_p
 
 def inputs_of(source: pathlib.Path) -> list[str]:
     return sorted(str(path.relative_to(source)) for path in source.rglob("*") if path.is_file())
-
-
-@pytest.mark.slow
-def test_exit_codes(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("input: {uri: x}\noutput: {uri: y}\nupscale: {scael: 2}\n")
-    result = subprocess.run([sys.executable, str(JOB), "--config", str(bad)], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == EXIT_JOB_FAILED and "upscale.scael: unknown key" in result.stderr
-
-    write_catalog(tmp_path / "in", {"ok.png": small_catalog(1)["album0/photo 0.png"], "empty.png": b""})
-    config = _write_config(tmp_path / "job.yaml", job_config(str(tmp_path / "in"), str(tmp_path / "out")))
-    first = _job(config)
-    log, _ = first.communicate(timeout=300)
-    assert first.returncode == EXIT_INPUTS_FAILED, log
-    assert "1 ok, 1 failed" in log and "failed empty_file: 1" in log
-    assert "progress: 1 done, 1 failed, 0 remaining of 2" in log and "items/min" in log
-    (tmp_path / "in" / "empty.png").unlink()  # failed inputs are retried on the next run; this one is gone
-    second = _job(config)
-    log, _ = second.communicate(timeout=300)
-    assert second.returncode == EXIT_OK, log
-    assert "0 ok, 0 failed, 1 skipped" in log

@@ -13,14 +13,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 
 import pytest
 import s3fs
 from support.catalog import REPO, manifests, outputs, small_catalog
-from support.net import free_port
+from support.net import free_port, wait_for_url
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +29,10 @@ CANARY_SECRET = f"dit4sr-canary-secret-{uuid.uuid4().hex}"
 @pytest.fixture(scope="module")
 def ray_head(s3_server):
     """A Ray head of its own, started as an operator would (its environment holds the cluster's S3 keys), stopped
-    at the end however the tests went: SIGTERM to `ray start --block`, which stops exactly the processes it
-    started (`ray stop` would stop every Ray on the machine, the test session's own included)."""
+    at the end however the tests went: SIGKILL to its process group, the session `ray start --block` was started
+    in, which holds exactly the processes it started (the workers die with their raylet). `ray stop` would stop
+    every Ray on the machine, the test session's own included; a SIGTERM to `ray start` waits on each process's
+    graceful exit, about half a minute here, for a cluster whose state nobody needs any more."""
     temp = pathlib.Path(tempfile.mkdtemp(prefix="rayhead-", dir="/tmp"))  # short: Ray's socket paths are bounded
     dashboard = free_port()
     env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "PYTHONPATH")}
@@ -49,23 +49,11 @@ def ray_head(s3_server):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5).read()
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                assert time.monotonic() < deadline, "the head's job server never answered"
-                time.sleep(1)
+        wait_for_url(f"{address}/api/version", head, "ray start --head (its job server)", timeout=180, interval=1)
         yield {"address": address, "temp": temp, "env": env}
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -32,32 +32,44 @@ def ok_counts(output: pathlib.Path) -> dict[str, int]:
                            "where status = 'ok' group by 1").fetchall())
 
 
-def test_a_second_run_processes_only_new_and_changed_files(ray_local, tmp_path):
+def test_a_second_run_processes_exactly_what_changed(ray_local, tmp_path):
+    """New and changed sources and a deleted output are redone, nothing else (untouched outputs are not even
+    rewritten); the result is what one run over the final catalog gives; a setting that changes output bytes
+    redoes everything."""
     source, output = tmp_path / "in", tmp_path / "out"
     files = small_catalog(6)
     write_catalog(source, files)
     assert run(job_config(str(source), str(output))) == EXIT_OK
     untouched = {key: (output / key).stat() for key in outputs(output)}
 
-    changed, new = sorted(files)[1], {"album0/new.png": image_bytes(7, 5, seed=40), "new/b.jpg": image_bytes(
-        6, 6, "JPEG", seed=41)}
+    changed, lost = sorted(files)[1], sorted(files)[2]
+    new = {"album0/new.png": image_bytes(7, 5, seed=40), "new/b.jpg": image_bytes(6, 6, "JPEG", seed=41)}
     files[changed] = image_bytes(8, 5, "PNG" if changed.endswith("png") else "JPEG", seed=42)
     write_catalog(source, {changed: files[changed], **new})
     files.update(new)
+    lost_output = str(pathlib.PurePosixPath(lost).with_suffix(".png"))
+    (output / lost_output).unlink()
     assert run(job_config(str(source), str(output))) == EXIT_OK
 
     second = run_index(output).iloc[-1]
-    assert (second.ok, second.skipped, second.failed) == (3, len(files) - 3, 0)
+    assert (second.ok, second.skipped, second.failed) == (4, len(files) - 4, 0)
     rows = manifests(output)
-    assert sorted(rows[rows.run_id == second.run_id].source_key) == sorted([changed, *new])
+    assert sorted(rows[rows.run_id == second.run_id].source_key) == sorted([changed, lost, *new])
     changed_output = str(pathlib.PurePosixPath(changed).with_suffix(".png"))
     for key, before in untouched.items():  # unchanged inputs' outputs were not even rewritten
-        if key != changed_output:
+        if key not in (changed_output, lost_output):
             after = (output / key).stat()
             assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), key
     assert run(job_config(str(source), str(tmp_path / "fresh"))) == EXIT_OK
     assert outputs(output) == outputs(tmp_path / "fresh")  # the same bytes as one run over the final catalog
-    assert ok_counts(output) == {key: 2 if key == changed else 1 for key in files}  # the change is history
+    assert ok_counts(output) == {key: 2 if key in (changed, lost) else 1 for key in files}  # history kept
+
+    assert run(job_config(str(source), str(output), upscale={"scale": 3})) == EXIT_OK
+    third = run_index(output).iloc[-1]
+    assert (third.ok, third.skipped) == (len(files), 0)
+    rows = manifests(output)
+    latest = rows[rows.run_id == third.run_id]
+    assert set(latest.status) == {"ok"} and (latest.out_width == latest.width * 3).all()
 
 
 def test_planning_reads_the_unit_state_not_the_runs_history(ray_local, tmp_path):

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import ray
-from support.catalog import job_config, manifests, small_catalog, write_catalog
 from ray.cluster_utils import Cluster
+from support.catalog import job_config, manifests, small_catalog, write_catalog
 
 from pipeline.config import validate_config
 from pipeline.run import execute, prepare

@@ -10,9 +10,9 @@ import urllib.parse
 import boto3
 import pyarrow.dataset as pads
 import s3fs
+from PIL import Image
 from support.catalog import image_bytes, job_config, small_catalog
 from support.fault_proxy import FaultProxy, first_attempts
-from PIL import Image
 
 from pipeline import manifest
 from pipeline.config import validate_config

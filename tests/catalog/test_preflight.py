@@ -1,21 +1,20 @@
 """Input errors are errors: a missing folder or bucket, an unreadable bucket or refused credentials end the job
 with exit 1 and one line naming the URI and the cause, before planning and before any model loads; an existing
-but empty input is a success with 0 inputs. (An absent input where input.example_catalog is set gets the
-example catalog: test_job_submit.py runs the embedded default that way.)"""
+but empty input is a success with 0 inputs. The job command's exit codes. (An absent input where
+input.example_catalog is set gets the example catalog: test_job_submit.py runs the embedded default that way.)"""
 
 from __future__ import annotations
 
 import json
+import uuid
 
 import boto3
 import pytest
-from support.catalog import job_config, small_catalog
-from support.s3_server import moto_server, require_authentication
-from support.catalog import Job, session_ray_address
+from support.catalog import Job, job_config, session_ray_address, small_catalog, write_catalog
 
 from pipeline.config import validate_config
 from pipeline.preflight import PreflightError
-from pipeline.run import EXIT_JOB_FAILED, EXIT_OK, run_job
+from pipeline.run import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_OK, run_job
 
 
 def refused(config: dict) -> str:
@@ -27,15 +26,32 @@ def refused(config: dict) -> str:
     return message
 
 
-def test_a_mistyped_input_folder_exits_1_with_one_line_and_does_nothing(ray_local, tmp_path):
+def test_exit_codes_of_the_job_command(ray_local, tmp_path):
+    """The job as operators run it (job processes joining the session's Ray): 1 for a config it cannot use — an
+    unknown key; a mistyped input folder, with one line naming it and nothing written —, 3 when an input failed,
+    0 when the re-run finds nothing left to do."""
+    env = {"RAY_ADDRESS": session_ray_address()}
+    bad = Job({"input": {"uri": "x"}, "output": {"uri": "y"}, "upscale": {"scael": 2}}, tmp_path / "bad.yaml", env=env)
+    assert bad.finish() == EXIT_JOB_FAILED and "upscale.scael: unknown key" in bad.log, bad.log
+
     missing = tmp_path / "photos-typo"
-    config = job_config(str(missing), str(tmp_path / "out"))
-    job = Job(config, tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
-    assert job.finish() == EXIT_JOB_FAILED, job.log
-    errors = [line for line in job.lines if line.startswith("error:")]
-    assert errors == [f"error: input.uri {missing}: no such folder ({missing})\n"], job.log
-    assert "Traceback" not in job.log and "progress" not in job.log
+    typo = Job(job_config(str(missing), str(tmp_path / "out")), tmp_path / "typo.yaml", env=env)
+    assert typo.finish() == EXIT_JOB_FAILED, typo.log
+    errors = [line for line in typo.lines if line.startswith("error:")]
+    assert errors == [f"error: input.uri {missing}: no such folder ({missing})\n"], typo.log
+    assert "Traceback" not in typo.log and "progress" not in typo.log
     assert not (tmp_path / "out").exists()  # no lock, no manifest: nothing written
+
+    write_catalog(tmp_path / "in", {"ok.png": small_catalog(1)["album0/photo 0.png"], "empty.png": b""})
+    config = job_config(str(tmp_path / "in"), str(tmp_path / "out"))
+    first = Job(config, tmp_path / "job.yaml", env=env)
+    assert first.finish() == EXIT_INPUTS_FAILED, first.log
+    assert "1 ok, 1 failed" in first.log and "failed empty_file: 1" in first.log
+    assert "progress: 1 done, 1 failed, 0 remaining of 2" in first.log and "items/min" in first.log
+    (tmp_path / "in" / "empty.png").unlink()  # failed inputs are retried on the next run; this one is gone
+    second = Job(config, tmp_path / "job.yaml", env=env)
+    assert second.finish() == EXIT_OK, second.log
+    assert "0 ok, 0 failed, 1 skipped" in second.log
 
 
 def test_local_input_and_output_errors_name_the_uri_and_cause(tmp_path):
@@ -70,37 +86,37 @@ def test_missing_buckets_are_named(bucket, s3_options):
         "output.uri s3://no-such-output/x4: no such bucket (NoSuchBucket: The specified bucket does not exist)"
 
 
-def test_an_unreadable_bucket_and_refused_credentials_are_named(tmp_path):
-    """A moto server that checks signatures and IAM policies: a user allowed on one bucket only."""
-    with moto_server() as url:
-        admin = {"endpoint_url": url, "region_name": "us-east-1", "aws_access_key_id": "admin",
-                 "aws_secret_access_key": "admin"}
-        s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
-        for name in ("photos", "archive"):
-            s3.create_bucket(Bucket=name)
-        s3.put_object(Bucket="photos", Key="in/a.png", Body=small_catalog(1)["album0/photo 0.png"])
-        iam.create_user(UserName="catalog")
-        iam.put_user_policy(UserName="catalog", PolicyName="photos-only", PolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Action": "s3:*",
-                           "Resource": ["arn:aws:s3:::photos", "arn:aws:s3:::photos/*"]}]}))
-        key = iam.create_access_key(UserName="catalog")["AccessKey"]
-        require_authentication(url)
-        options = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "endpoint_url": url,
-                   "client_kwargs": {"region_name": "us-east-1"}}
+def test_an_unreadable_bucket_and_refused_credentials_are_named(s3_server, s3_authentication):
+    """The server checking signatures and IAM policies: a user allowed on one bucket only."""
+    photos, archive, user = (f"{name}-{uuid.uuid4().hex[:8]}" for name in ("photos", "archive", "catalog"))
+    admin = {"endpoint_url": s3_server, "region_name": "us-east-1", "aws_access_key_id": "admin",
+             "aws_secret_access_key": "admin"}
+    s3, iam = boto3.client("s3", **admin), boto3.client("iam", **admin)
+    for name in (photos, archive):
+        s3.create_bucket(Bucket=name)
+    s3.put_object(Bucket=photos, Key="in/a.png", Body=small_catalog(1)["album0/photo 0.png"])
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="photos-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*",
+                       "Resource": [f"arn:aws:s3:::{photos}", f"arn:aws:s3:::{photos}/*"]}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    s3_authentication()
+    options = {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"], "endpoint_url": s3_server,
+               "client_kwargs": {"region_name": "us-east-1"}}
 
-        def s3_config(input_uri: str, **overrides) -> dict:
-            config = job_config(input_uri, "s3://photos/out")
-            config["input"]["storage_options"] = config["output"]["storage_options"] = {**options, **overrides}
-            return config
+    def s3_config(input_uri: str, **overrides) -> dict:
+        config = job_config(input_uri, f"s3://{photos}/out")
+        config["input"]["storage_options"] = config["output"]["storage_options"] = {**options, **overrides}
+        return config
 
-        assert refused(s3_config("s3://archive/in")) == "input.uri s3://archive/in: access denied " \
+    assert refused(s3_config(f"s3://{archive}/in")) == f"input.uri s3://{archive}/in: access denied " \
                                                         "(AccessDenied: Access Denied)"
-        assert refused(s3_config("s3://photos/in", key="AKIAUNKNOWNKEY000000")).startswith(
-            "input.uri s3://photos/in: credentials refused (InvalidAccessKeyId: ")
-        assert refused(s3_config("s3://photos/in", secret="not-the-secret")).startswith(
-            "input.uri s3://photos/in: credentials refused (SignatureDoesNotMatch: ")
-        # the same user on its own bucket passes the checks (planning, which needs Ray, is not run here)
-        from pipeline.preflight import check
+    assert refused(s3_config(f"s3://{photos}/in", key="AKIAUNKNOWNKEY000000")).startswith(
+        f"input.uri s3://{photos}/in: credentials refused (InvalidAccessKeyId: ")
+    assert refused(s3_config(f"s3://{photos}/in", secret="not-the-secret")).startswith(
+        f"input.uri s3://{photos}/in: credentials refused (SignatureDoesNotMatch: ")
+    # the same user on its own bucket passes the checks (planning, which needs Ray, is not run here)
+    from pipeline.preflight import check
 
-        check(validate_config(s3_config("s3://photos/in")))
+    check(validate_config(s3_config(f"s3://{photos}/in")))

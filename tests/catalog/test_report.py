@@ -8,10 +8,10 @@ import re
 import shutil
 
 import pytest
-from support.catalog import REPO, image_bytes, job_config, write_catalog
 from PIL import Image
-
 from support.browser import CHROMIUM, open_page
+from support.catalog import REPO, image_bytes, job_config, write_catalog
+
 from pipeline.config import validate_config
 from pipeline.example_catalog import lay_out_example_catalog
 from pipeline.report import PAIRS, REPORT_NAME, sample_pairs
@@ -53,7 +53,7 @@ def test_the_pairs_sample_image_outputs_evenly_and_skip_failures():
     assert [row["source_key"] for row in sample_pairs(rows, 5)] == ["00.png", "05.png", "10.png", "14.png", "19.png"]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="missing: chromium (apt-get install chromium)")
 def test_chromium_renders_the_report_without_errors_and_loads_every_image(report, tmp_path):
     page = open_page(report.as_uri(), {
         "images": "[...document.images].map(i => [i.complete, i.naturalWidth, i.alt])",

@@ -9,9 +9,8 @@ import threading
 import time
 
 import pytest
-from support.catalog import job_config, small_catalog
+from support.catalog import Job, job_config, manifest_rows, session_ray_address, small_catalog, upload
 from support.engines import gate_path
-from support.catalog import Job, manifest_rows, session_ray_address, upload
 
 from pipeline.config import ConfigError, LockConfig, validate_config
 from pipeline.lease import LEASE_KEY, RunLease, RunLocked

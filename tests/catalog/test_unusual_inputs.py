@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support.catalog import job_config, write_catalog
 from PIL import Image
+from support.catalog import job_config, write_catalog
 
 from pipeline import media
 from pipeline.config import validate_config

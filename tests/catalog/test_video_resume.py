@@ -31,6 +31,7 @@ def _config(tmp_path, output: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("jobs_join_session_ray")  # its job processes join the session's Ray
 def test_killed_film_resumes_its_unfinished_segments_with_identical_bytes(ray_local, tmp_path):
     (tmp_path / "in").mkdir()
     video_clips.write_clip(tmp_path / "in" / "film.mp4", frames=2 * SEGMENTS, size=(24, 16), audio=True)

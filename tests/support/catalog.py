@@ -16,7 +16,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from support import REPO
+
 JOB = REPO / "jobs" / "upscale_catalog.py"
 
 
@@ -97,13 +98,21 @@ def session_ray_address() -> str:
 
 
 class Job:
-    """``jobs/upscale_catalog.py`` in a subprocess of its own session, joining the Ray at ``RAY_ADDRESS`` in
-    ``env`` (else starting a local one); its output collected line by line. ``kill`` SIGKILLs the driver's
-    process group: the driver dies, and with it the job's actors and tasks."""
+    """``jobs/upscale_catalog.py --config <path>`` (``config`` written there) in a subprocess of its own session,
+    its output collected line by line. It joins the Ray at ``RAY_ADDRESS`` in ``env`` (``session_ray_address()``:
+    a Ray of its own costs many seconds) or, without it, starts a local Ray of its own: where a kill must take
+    the job's whole Ray with it (``kill_at``, a ``pipeline.manifest.kill_point`` name: its SIGKILL of the job's
+    process group takes the driver, its Ray and the workers; ``killed_at`` says which point fired).
+    ``kill`` SIGKILLs the driver's process group: the driver dies, and with it the job's actors and tasks."""
 
-    def __init__(self, config: dict, path: pathlib.Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, config: dict, path: pathlib.Path, *args: str, env: dict[str, str] | None = None,
+                 kill_at: str | None = None):
         path.write_text(yaml.safe_dump(config))
-        environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        self.marker = path.with_suffix(".killed")
+        environment = {key: value for key, value in os.environ.items()
+                       if key != "RAY_ADDRESS" and not key.startswith("DIT4SR_TEST_KILL")}
+        if kill_at:
+            environment.update(DIT4SR_TEST_KILL_AT=kill_at, DIT4SR_TEST_KILL_MARKER=str(self.marker))
         self.process = subprocess.Popen([sys.executable, str(JOB), "--config", str(path), *args], cwd=REPO,
                                         env={**environment, **(env or {})}, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -119,6 +128,10 @@ class Job:
     def log(self) -> str:
         return "".join(self.lines)
 
+    @property
+    def killed_at(self) -> str | None:
+        return self.marker.read_text() if self.marker.exists() else None
+
     def wait_for(self, condition, what: str, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
@@ -126,9 +139,13 @@ class Job:
             assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.log}"
             time.sleep(0.05)
 
-    def finish(self, timeout: float = 300) -> int:
+    def finish(self, timeout: float = 600) -> int:
         code = self.process.wait(timeout=timeout)
         self._reader.join(timeout=30)
+        try:  # whatever a killed job's group left behind (its own Ray's processes): the group is the job's alone
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         return code
 
     def kill(self) -> None:

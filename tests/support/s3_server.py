@@ -1,5 +1,5 @@
-"""A moto S3 server in a process of its own, for tests that change server-wide state — authentication, request
-recording — which the session's in-process ThreadedMotoServer shares with every other test."""
+"""A moto S3 server in a process of its own (the session's, see conftest.py: one for all tests, its load off the
+test process), and its server-wide switches: authentication and the request recorder."""
 
 from __future__ import annotations
 
@@ -29,15 +29,25 @@ def moto_server(**env: str) -> Iterator[str]:
         process.wait(timeout=30)
 
 
-def require_authentication(url: str) -> None:
-    """From now on the server checks every request's signature and IAM policies (moto's reset-auth)."""
-    request = urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST",
-                                     headers={"Content-Type": "text/plain"})
-    assert json.loads(urllib.request.urlopen(request, timeout=10).read())["status"] == "ok"
+def _post(url: str, data: bytes = b"") -> bytes:
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read()
+
+
+def set_authentication(url: str, on: bool) -> None:
+    """From now on the server checks every request's signature and IAM policies (``on``), or none (moto's
+    reset-auth: the number of requests left unchecked)."""
+    assert json.loads(_post(f"{url}/moto-api/reset-auth", b"0" if on else b"inf"))["status"] == "ok"
+
+
+def recorder(url: str, action: str) -> None:
+    """moto's request recorder: ``reset-recording``, ``start-recording`` or ``stop-recording``."""
+    _post(f"{url}/moto-api/recorder/{action}")
 
 
 def recorded_requests(path: str) -> list[dict]:
-    """The requests a server started with MOTO_ENABLE_RECORDING=1 and MOTO_RECORDER_FILEPATH=path received."""
+    """The requests recorded in ``path`` (the server's MOTO_RECORDER_FILEPATH) while its recorder was on."""
     if not os.path.exists(path):
         return []
     with open(path) as handle:

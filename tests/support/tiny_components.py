@@ -25,6 +25,9 @@ TINY_TRANSFORMER = {
 }
 TINY_SETTINGS = {"num_inference_steps": 1, "guidance_scale": 1.0, "added_prompt": "", "process_size": 0,
                  "tile_size": 16, "tile_overlap": 4, "color_fix": "none"}
+# the recommended settings of the session's tiny model with text encoders (conftest.tiny_text_model_root)
+TINY_TEXT_RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_size": 8, "tile_overlap": 4,
+                         "process_size": 16, "color_fix": "adain"}
 
 JOINT_DIM = 16
 POOLED_DIM = 12

@@ -5,9 +5,9 @@ import pathlib
 import numpy as np
 import yaml
 from PIL import Image
-from support.tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 from dit4sr.train import TrainConfig
+from support.tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 
 def images(folder: pathlib.Path, count: int = 3, size: int = 48) -> pathlib.Path:
