@@ -406,6 +406,42 @@ def test_colour_tags_are_kept(folder, make, source_tags, tags, codec):
     assert (index.color_range, index.color_primaries, index.color_trc) == source_tags
 
 
+@pytest.mark.parametrize(("codec", "source_pix_fmt", "pix_fmt", "profile"), [
+    ("prores", "yuv422p", "yuv422p10le", "HQ"),
+    ("prores", "yuv444p", "yuv444p12le", "4444"),  # encoded from 10 bits; FFmpeg decodes 4444 as 12
+    ("dnxhr", "yuv422p", "yuv422p10le", "DNXHR HQX"),
+])
+def test_archive_masters_in_prores_and_dnxhr(folder, codec, source_pix_fmt, pix_fmt, profile):
+    """Intra-only mezzanine outputs: staged in MOV (NUT does not take them), assembled into MOV with the source's
+    frames, timestamps and audio."""
+    path = clips.write_clip(folder / f"master_{codec}_{source_pix_fmt}.mp4", frames=12, size=(96, 64),
+                            pix_fmt=source_pix_fmt, audio=True)
+    index, _, out, _ = roundtrip(path, folder, VideoEncoding(codec=codec), segment_frames=5, scale=4)
+    assert out.suffix == ".mov"  # MP4 does not take them: QuickTime, their own container
+    result = index_video(str(out), out.name)
+    assert (result.codec, result.pix_fmt, result.frames) == (codec.replace("dnxhr", "dnxhd"), pix_fmt, 12)
+    assert [t * result.time_base for t in result.pts] == [t * index.time_base for t in index.pts]
+    assert result.keyframes == tuple(range(12))
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.profile == profile
+    assert [p[3] for p in packets(out, "audio")] == [p[3] for p in packets(path, "audio")]
+    (_, frames), *_ = decoded_segments(out, result, 12)
+    assert_is_frame(frames[7][::4, ::4], 7, 12)
+
+
+def test_encoder_options_reach_the_encoder_and_codec_auto_follows_depth(folder):
+    path = clips.moving_clip(folder)
+    _, _, out, _ = roundtrip(path, folder, VideoEncoding(codec="h264", preset="ultrafast", threads=2,
+                                                         encoder_options={"g": 5, "x264-params": "scenecut=0"}),
+                             segment_frames=25)
+    assert index_video(str(out), out.name).keyframes == (0, 5, 10, 15, 20)  # x264 alone would place 1
+    auto = VideoEncoding()
+    eight_bit, ten_bit = index_video(str(path), path.name), index_video(str(clips.ten_bit_clip(folder)), "10")
+    assert auto.for_clip(eight_bit, 2560, 1440).codec == "h264"
+    assert auto.for_clip(eight_bit, 7680, 4320).codec == "h265"  # above 4K
+    assert auto.for_clip(ten_bit, 256, 144).codec == "h265"  # above 8 bits
+
+
 @pytest.mark.parametrize(("codec", "pix_fmt"), [("h264", "yuv420p10le"), ("h265", "yuv420p10le"),
                                                 ("ffv1", "yuv420p10le")])
 def test_ten_bit_sources_stay_ten_bit(folder, codec, pix_fmt):

@@ -192,6 +192,8 @@ def _mux_output(source: Source, segments, depth: int, out: str, fmt: str, index:
                 video.set_display_matrix(index.display_matrix)
             if fmt in ("mp4", "mov") and codec == "hevc":
                 video.codec_tag = "hvc1"  # Apple players only play hvc1-tagged HEVC
+            elif fmt == "mov" and codec == "prores":
+                video.codec_tag = template.codec_context.codec_tag  # the tag names the profile (apch, ap4h, ...)
             copies = {}
             copied_names = []
             for stream in src.streams:
