@@ -116,7 +116,7 @@ def write_clip(
         if rotation is not None:
             video.set_display_rotation(rotation)
         audio_stream = _add_audio(container) if audio else None
-        subtitle_streams = [_add_subtitles(container, kind) for kind in subtitles]
+        subtitle_streams = [add_subtitle_stream(container, kind) for kind in subtitles]
         if attachment:
             container.add_attachment(FONT[0], "font/ttf", FONT[1])
         if chapters:
@@ -384,7 +384,7 @@ def _write_audio(container, stream, seconds: float = 1.0) -> None:
     container.mux(stream.encode())
 
 
-def _add_subtitles(container, kind: str):
+def add_subtitle_stream(container, kind: str):
     if kind == "ass":
         stream = container.add_stream("ass")
         stream.codec_context.extradata = ASS_HEADER.encode()

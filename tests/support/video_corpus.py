@@ -63,24 +63,12 @@ from fractions import Fraction
 import av
 import numpy as np
 
+from .video_clips import add_subtitle_stream
+
 RATE = 25
 AUDIO_RATE = 48000
 CELLS = 10  # bits of the frame number drawn in each frame: up to 1024 frames
 SUBTITLES = (("Hello", 100, 200), ("World", 400, 150))  # text, start ms, duration ms
-ASS_HEADER = """[Script Info]
-ScriptType: v4.00+
-PlayResX: 384
-PlayResY: 288
-
-[V4+ Styles]
-Format: Name, Fontname, Fontsize, PrimaryColour, SecondaryColour, OutlineColour, BackColour, Bold, Italic, \
-Underline, StrikeOut, ScaleX, ScaleY, Spacing, Angle, BorderStyle, Outline, Shadow, Alignment, MarginL, MarginR, \
-MarginV, Encoding
-Style: Default,Arial,16,&Hffffff,&Hffffff,&H0,&H0,0,0,0,0,100,100,0,0,1,1,0,2,10,10,10,0
-
-[Events]
-Format: Layer, Start, End, Style, Name, MarginL, MarginR, MarginV, Effect, Text
-"""
 # AVCOL_* numbers
 BT709 = (1, 1, 1)  # primaries, transfer, matrix
 BT2020_PQ = (9, 16, 9)
@@ -288,16 +276,6 @@ def _audio_frames(spec: Audio, seconds: float) -> Iterator[av.AudioFrame]:
         yield frame
 
 
-def _subtitle_stream(container, kind: str):
-    if kind == "ass":
-        stream = container.add_stream("ass")
-        stream.codec_context.extradata = ASS_HEADER.encode()
-    else:
-        stream = container.add_mux_stream(kind)
-    stream.time_base = Fraction(1, 1000)
-    return stream
-
-
 def _subtitle_packets(kind: str, stream) -> Iterator[av.Packet]:
     for number, (text, start, duration) in enumerate(SUBTITLES):
         payload = f"{number},0,Default,,0,0,0,,{text}" if kind == "ass" else text
@@ -330,7 +308,7 @@ def write(
             container.metadata.update(metadata)
         video_stream = _add_video(container, video)
         audio_streams = [_add_audio(container, spec) for spec in audio]
-        subtitle_streams = [_subtitle_stream(container, kind) for kind in subtitles]
+        subtitle_streams = [add_subtitle_stream(container, kind) for kind in subtitles]
         shift = round(trim_frames / (RATE * video.time_base))
         packets = []
         for frame in _with_field_order(_video_frames(video), video):
