@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-from support import video_clips
+from support import video_clips, video_corpus
 from support.catalog import image_bytes, job_config, manifests, run_index, write_catalog
 
 from pipeline.config import validate_config
@@ -55,6 +55,7 @@ def video_stream_facts(path: pathlib.Path) -> dict:
                 "matrix": context.colorspace, "rotation": video.index_video(str(path), path.name).rotation}
 
 
+@pytest.mark.slow
 def test_mixed_catalog_keeps_what_each_source_had(ray_local, tmp_path):
     clips = tmp_path / "in" / "clips"
     clips.mkdir(parents=True)
@@ -146,6 +147,35 @@ def test_bad_videos_and_sequences_fail_alone(ray_local, tmp_path):
     assert "frames" in final.loc["corrupt.mkv"].error_message  # names where the damage is
 
 
+@pytest.mark.slow  # the codec layer's conformance runs in the fast tier (test_video_conformance)
+def test_archive_footage_comes_out_ok_through_the_job(ray_local, tmp_path):
+    """What archives hold, through the whole job (read tasks, actors, staging, assembly): a start-trimmed MP4, a
+    ProRes master, interlaced MPEG-2 in a TS starting at 3 h. Each is `ok`, keeps its frames, and the manifest says
+    what was done besides upscaling."""
+    folder = tmp_path / "in" / "archive"
+    folder.mkdir(parents=True)
+    made = {kind: getattr(video_corpus, kind)(folder)[0] for kind in ("mp4_edit_list", "prores_422_hq", "mpeg2_tff_ts")}
+    assert run_job(validate_config(video_config(tmp_path))) == EXIT_OK
+    rows = manifests(tmp_path / "out")
+    clips = rows[rows.unit == "video"].set_index("source_key")
+    assert set(clips.status) == {"ok"}, clips[["status", "error_type", "error_message"]]
+    for kind, path in made.items():
+        row = clips.loc[f"archive/{path.name}"]
+        source = video.index_video(str(path), path.name)
+        out = tmp_path / "out" / row.output_key
+        result = video.index_video(str(out), out.name)
+        assert result.frames == row.frames_out == source.frames, kind
+        times = [float(t * result.time_base) for t in result.pts]
+        expected = [float(t * source.time_base - source.clock_offset) for t in source.pts]
+        assert max(abs(a - b) for a, b in zip(times, expected, strict=True)) <= 0.001, kind
+    processing = clips.loc["archive/mpeg2_tff.ts"].processing
+    assert processing.startswith("deinterlaced (bwdif, frame rate, tt field order); timestamps from the file's start "
+                                 "(its clock starts at 10799.99"), processing  # the MP2 track starts 10 ms early
+    assert clips.loc["archive/mpeg2_tff.ts"].output_key.endswith(".mkv")
+    assert clips.loc["archive/prores_422_hq.mov"].output_key.endswith(".mov")
+
+
+@pytest.mark.slow
 def test_one_noise_field_per_clip_hides_segment_boundaries(ray_local, tmp_path):
     """Bundled DiT4SR on a moving clip, lossless FFV1 output: consistent noise makes frame pairs that straddle a
     segment boundary differ no more than pairs inside a segment, and flickers less than a seed per frame."""
@@ -170,6 +200,7 @@ def test_one_noise_field_per_clip_hides_segment_boundaries(ray_local, tmp_path):
     assert flicker < independent_flicker and pairs.mean() < independent_pairs.mean()
 
 
+@pytest.mark.slow
 def test_video_settings_redo_videos_only_and_segment_length_is_a_video_setting(ray_local, tmp_path):
     (tmp_path / "in").mkdir()
     video_clips.moving_clip(tmp_path / "in", "clip.mp4")
@@ -199,6 +230,7 @@ def test_video_settings_redo_videos_only_and_segment_length_is_a_video_setting(r
     assert (tmp_path / "out" / "clip.mp4").read_bytes() == first  # same settings, same bytes
 
 
+@pytest.mark.slow
 def test_staged_segments_of_videos_no_longer_listed_are_swept(ray_local, tmp_path):
     """A film deleted (or renamed) after some of its segments were staged: they would never be assembled."""
     (tmp_path / "in").mkdir()
@@ -213,6 +245,7 @@ def test_staged_segments_of_videos_no_longer_listed_are_swept(ray_local, tmp_pat
     assert not any(path.exists() for path in orphans) and not list(staging.rglob("*.nut"))
 
 
+@pytest.mark.slow
 def test_videos_and_sequences_on_s3(ray_local, bucket, s3_options, tmp_path):
     """Segments read by ranged GETs, staged and assembled through a real S3 API (moto over HTTP)."""
     import s3fs
