@@ -115,7 +115,16 @@ def stage_decoded(file: Source, index: VideoIndex, segments: Sequence[Segment], 
     collected: list[list[av.Packet]] = [[] for _ in segments]
     encoder = siting = None
     done = 0  # segments yielded so far
-    for frame in _decoded_frames(file, segments[0].seek_pts, ranges[-1][1], name):
+    frames = _decoded_frames(file, segments[0].seek_pts, ranges[-1][1], name)
+    while True:
+        try:
+            frame = next(frames, None)
+        except CorruptVideoError as error:  # name the frames that cannot be made
+            segment = segments[done]
+            raise CorruptVideoError(f"{name}: frames {segment.start}-{segment.stop - 1}: "
+                                    f"{str(error).removeprefix(f'{name}: ')}") from error
+        if frame is None:
+            break
         pts = frame.pts
         owners = [k for k in range(done, len(segments)) if ranges[k][0] <= pts <= ranges[k][1]]
         if owners:
@@ -152,10 +161,12 @@ class _ChromaSiting:
     def __init__(self, encoder, carrier: str, index: VideoIndex, colour):
         self.colour = colour
         self.extradata = bytes(encoder.extradata or b"")
-        self.parameters = dict(codec="ffv1", extradata=self.extradata, width=encoder.width, height=encoder.height,
-                               pix_fmt=carrier, bits_per_coded_sample=0, codec_tag="", time_base=index.time_base)
+        self.parameters = {"codec": "ffv1", "extradata": self.extradata, "width": encoder.width,
+                           "height": encoder.height, "pix_fmt": carrier, "bits_per_coded_sample": 0, "codec_tag": "",
+                           "time_base": index.time_base}
         fmt = av.VideoFormat(carrier)
-        subsampled = not fmt.is_rgb and len(fmt.components) >= 3 and (fmt.chroma_width(64), fmt.chroma_height(64)) != (64, 64)
+        subsampled = not fmt.is_rgb and len(fmt.components) >= 3 \
+            and (fmt.chroma_width(64), fmt.chroma_height(64)) != (64, 64)
         self.candidates = list(_CHROMA_LOCATIONS) if subsampled else [None]
         self.decoders = {}
 
@@ -221,8 +232,9 @@ def _decoded_frames(file: Source, seek_pts: int, last_pts: int, name: str) -> It
                         if frame.pts is None or frame.pts < seek_pts:
                             continue  # open-GOP leading pictures of the keyframe, as decode_segment skips them
                         if frame.is_corrupt:
-                            raise CorruptVideoError(f"{name}: the frame at pts {frame.pts} is damaged (the decoder "
-                                                    "concealed errors in it)")
+                            seconds = float(frame.pts * parameters.time_base)
+                            raise CorruptVideoError(f"{name}: the frame at pts {frame.pts} ({seconds:.3f} s) is "
+                                                    "damaged (the decoder concealed errors in it)")
                         if previous is not None and frame.pts <= previous:
                             raise CorruptVideoError(f"{name}: the decoder returned pts {frame.pts} after {previous}")
                         previous = frame.pts
