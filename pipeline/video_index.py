@@ -51,6 +51,7 @@ BYTES_PER_TASK = 256 << 20  # a task's videos add up to at most this (a larger v
 TASKS_PER_CPU = 4  # enough tasks to keep every CPU busy while sizes vary
 THREADS_PER_TASK = 4  # a task's videos are read this many at a time
 _READ_BLOCK = 1 << 20  # ranged reads of this size; demuxing reads forward
+DECODED_SUFFIX = ".decoded"  # staged decoded-once frames, beside a clip's staged segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +270,7 @@ def staged_source_key(prefix: str, segment: video.Segment, source: VideoSource) 
     identity = "\0".join([source.key, str(source.size), source.identity, str(mezzanine.VERSION), av.__version__,
                           repr(segment.read_range), str(segment.deinterlace)])
     tag = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return f"{prefix}/{segment.start:09d}-{segment.stop:09d}.{tag}.decoded"
+    return f"{prefix}/{segment.start:09d}-{segment.stop:09d}.{tag}{DECODED_SUFFIX}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -126,7 +126,11 @@ def stage_decoded(file: Source, index: VideoIndex, segments: Sequence[Segment], 
         if frame is None:
             break
         pts = frame.pts
-        owners = [k for k in range(done, len(segments)) if ranges[k][0] <= pts <= ranges[k][1]]
+        owners, k = [], done  # the segments whose read range holds this frame (two where they overlap)
+        while k < len(segments) and ranges[k][0] <= pts:
+            if pts <= ranges[k][1]:
+                owners.append(k)
+            k += 1
         if owners:
             if encoder is None:
                 encoder = _encoder(frame, carrier, index)
