@@ -73,7 +73,7 @@ def test_a_single_keyframe_clip_decodes_once_in_linear_time(tmp_path, capsys):
               f"{cost.packet_copy_ratio:.2f} (packet copy), {cost.decoded_once_ratio:.2f} (decoded once; then "
               f"{cost.staged_frames} staged FFV1 frames)")
     assert cost.packet_copy_ratio > mezzanine.THRESHOLD  # every segment decodes from frame 0: 5.5 here
-    assert cost.decoded_once_ratio <= mezzanine.THRESHOLD
+    assert cost.decoded_once_ratio <= 1.5  # the target; 1.00: each source frame decoded once
     assert cost.staged_frames == index.frames  # each frame staged once (no deinterlacing context)
     assert mezzanine.uses_decoded_once(index, segments)
 
@@ -113,7 +113,7 @@ def test_decoded_once_frames_equal_the_packet_copy_paths(tmp_path, clip):
     else:
         path, deinterlace = interlaced_clip(tmp_path / "tff.mkv", bottom_first=False), "on"
     index = video.index_video(str(path), path.name)
-    segments = video.plan_segments(index, 6, deinterlace=deinterlace)
+    segments = video.plan_segments(index, 3, deinterlace=deinterlace)  # 8-14 segments: well past THRESHOLD
     if clip in ("bottom_field_first", "deinterlace_on"):
         assert all(segment.deinterlace for segment in segments)
         assert index.interlaced and (index.field_order in ("bb", "bt")) == (clip == "bottom_field_first")
