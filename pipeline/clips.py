@@ -6,7 +6,8 @@ come in).
   key; its manifest row follows, and only then are the staged segments removed (a crash in between leaves at
   worst staged files the next run sweeps, never a committed output without its row or a row without output).
 * A frame sequence: its frames were written to their final keys by the segments, so finishing it only checks
-  that they agree (one frame size) and sums them up in the sequence's row.
+  that they agree (one frame size) and sums them up in the sequence's row; with ``video.sequence_fps`` a Ray task
+  then makes its movie from the committed frames (``sequence_movie``) before the row is committed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import ray
 
-from . import manifest
+from . import manifest, sequence_movie
 from .config import JobConfig
 from .media import video
 from .plan import Clip, Plan, locations
@@ -130,6 +131,7 @@ class ClipFinisher:
         self.pending: dict[ray.ObjectRef, Clip] = {}
         self.finished: list[dict[str, Any]] = []
         self._finish = ray.remote(finish_video).options(num_cpus=1)
+        self._movie, self.spec = ray.remote(sequence_movie.write_movie).options(num_cpus=1), plan.spec
         for clip in self.clips.values():  # clips whose segments were all staged by earlier runs
             self._maybe_finish(clip)
 
@@ -158,7 +160,12 @@ class ClipFinisher:
         clip.row["status"] = "finishing"
         segments = [clip.staged[key] for key in clip.segment_keys]
         if clip.index is None:
-            self._commit(finish_sequence(clip.row, segments))
+            row = finish_sequence(clip.row, segments)
+            if row["status"] == "ok" and clip.movie_key:  # video.sequence_fps: the frames also become a movie
+                self.pending[self._movie.remote(row, clip.frame_outputs, clip.movie_key, self.output,
+                                                self.spec)] = clip
+            else:
+                self._commit(row)
         else:
             self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output)] = clip
 
@@ -166,7 +173,7 @@ class ClipFinisher:
         for ref, row in zip(refs, ray.get(refs)):
             clip = self.pending.pop(ref)
             self._commit(row)
-            if row["status"] == "ok":
+            if row["status"] == "ok" and clip.index is not None:  # sequences stage nothing
                 remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys])
 
     def _commit(self, row: dict[str, Any]) -> None:

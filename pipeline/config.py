@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from fractions import Fraction
 from typing import Any, Literal
 
 import yaml
@@ -75,6 +76,17 @@ class LimitsConfig(_Section):
     max_video_seconds: float | None = Field(None, gt=0)  # longer videos fail alone (None: no limit)
 
 
+def sequence_rate(value: float | str) -> Fraction:
+    """Frames per second as an exact ratio: 24 -> 24, 23.976 -> 2997/125, "24000/1001" -> 24000/1001."""
+    try:
+        rate = Fraction(str(value).strip()).limit_denominator(1_000_000)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"frames per second: a number or a ratio such as 24000/1001, got {value!r}") from None
+    if not 0 < rate <= 1000:
+        raise ValueError(f"frames per second must be above 0 and at most 1000, got {value!r}")
+    return rate
+
+
 class VideoConfig(_Section):
     """Video files and frame sequences: how clips are cut, sampled and written back."""
 
@@ -101,6 +113,21 @@ class VideoConfig(_Section):
     # folder and name pattern; elsewhere numbered images stay photos. Frames of a sequence share a pattern:
     # the same name with only the number changed (reel_01/frame_000001.tif, ...).
     sequence_folders: list[str] = Field(default_factory=list)
+    # Also write each frame sequence as a movie at this many frames per second (24, 25, 29.97 or "24000/1001"),
+    # beside its frames: reels/coffee/frame_%04d.png -> reels/coffee/frame.mp4 (.mov for prores/dnxhr, .mkv for
+    # ffv1), encoded with the settings above. None: frames only (pipeline/sequence_movie.py).
+    sequence_fps: float | str | None = None
+
+    @field_validator("sequence_fps")
+    @classmethod
+    def _frame_rate(cls, value: float | str | None) -> float | str | None:
+        if value is not None:
+            sequence_rate(value)  # names the problem
+        return value
+
+    def sequence_rate(self) -> Fraction | None:
+        """`sequence_fps` as an exact ratio (None when unset)."""
+        return None if self.sequence_fps is None else sequence_rate(self.sequence_fps)
 
     @model_validator(mode="after")
     def _encodable(self) -> "VideoConfig":

@@ -86,6 +86,7 @@ SCHEMA = pa.schema([
     ("flicker_pairs", pa.int64()),  # consecutive frame pairs behind `flicker`
     ("reference_motion", pa.float64()),  # the bicubic input's mean |frame_t - frame_t-1| (the denominator)
     ("processing", pa.string()),  # videos: what was done besides upscaling (deinterlacing, timestamps rebased)
+    ("movie_key", pa.string()),  # sequences with video.sequence_fps: the movie made of their frames
 ])
 COLUMNS = SCHEMA.names
 

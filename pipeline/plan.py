@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from PIL import Image
 
-from . import manifest, media, state
+from . import manifest, media, sequence_movie, state
 from .config import ConfigError, JobConfig, fingerprint
 from .engine import output_size_error, tiles_per_frame
 from .media import video
@@ -49,6 +49,7 @@ class Clip:
     staged: dict[str, dict[str, Any]]  # unit key -> the segment's staged row (earlier runs', then this run's)
     index: video.VideoIndex | None = None  # videos: what assembly needs
     frame_outputs: list[str] = field(default_factory=list)  # sequences: every frame's output key
+    movie_key: str | None = None  # sequences with video.sequence_fps: the movie made of the frames (sequence_movie)
 
     @property
     def complete(self) -> bool:
@@ -333,14 +334,23 @@ class _Planner:
             return
         for key in frame_keys:  # frames keep their names and format
             self.claimed[key] = sequence.key
-        if self.skip(row, outputs=frame_keys):
+        movie = sequence_movie.movie_key(sequence.key, self.spec.video)  # with video.sequence_fps
+        if movie is not None:
+            if movie in self.claimed:
+                self.reject(row, "output_collision", f"its movie {movie!r} is already the output of "
+                                                     f"{self.claimed[movie]!r}")
+                return
+            self.claimed[movie] = sequence.key
+        if self.skip(row, outputs=frame_keys + ([movie] if movie else [])):
             return
         per_segment = max(1, round(self.spec.video["segment_seconds"] * SEQUENCE_FRAMES_PER_SECOND))
         row["seed"] = seed = derive_seed(self.spec.base_seed, sequence.content_identity)
         segments = [self.segment_row(row, start, min(start + per_segment, len(frame_keys)), seed, {
             "kind": "sequence", "frames": frame_keys[start:start + per_segment]})
             for start in range(0, len(frame_keys), per_segment)]
-        self.add_clip(row, segments, frame_outputs=frame_keys)
+        for segment in segments:  # frames do not depend on the movie's settings
+            segment["config_fingerprint"] = self.unit_fingerprint("sequence_frames", row["prompt"])
+        self.add_clip(row, segments, frame_outputs=frame_keys, movie_key=movie)
 
     # Clips ----------------------------------------------------------------------------------------------------
     def segment_row(self, clip_row: dict[str, Any], start: int, stop: int, seed: int,

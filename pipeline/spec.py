@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from .config import JobConfig, VideoConfig, fingerprint
@@ -31,11 +32,12 @@ class VideoSettings:
     noise: str  # consistent | independent
     deinterlace: str  # auto | on | off
     encoding: VideoEncoding  # its codec may be `auto`: resolved per clip (`VideoEncoding.for_clip`)
+    sequence_fps: Fraction | None = None  # frame sequences also become a movie at this rate (pipeline.sequence_movie)
 
     @classmethod
     def of(cls, video: VideoConfig) -> "VideoSettings":
         return cls(segment_seconds=video.segment_seconds, noise=video.noise, deinterlace=video.deinterlace,
-                   encoding=video.encoding())
+                   encoding=video.encoding(), sequence_fps=video.sequence_rate())
 
     def fingerprint_fields(self) -> dict[str, Any]:
         # The encoder's pinned thread count shapes x264/x265 bitstreams: a change of it must redo videos.
@@ -44,6 +46,13 @@ class VideoSettings:
                 **{key: encoding[key] for key in ("codec", "crf", "preset", "pix_fmt")},
                 "encoder_options": [list(pair) for pair in self.encoding.encoder_options],
                 "encoder_threads": self.encoding.threads, "video_layer": VIDEO_LAYER_VERSION}
+
+    def movie_fingerprint_fields(self) -> dict[str, Any]:
+        """What a sequence's movie depends on beyond its frames: the rate and the encoder."""
+        fields = self.fingerprint_fields()
+        for key in ("segment_seconds", "noise", "deinterlace"):
+            del fields[key]
+        return {**fields, "sequence_fps": str(self.sequence_fps)}
 
 
 @dataclass(frozen=True)
@@ -99,10 +108,14 @@ class RunSpec:
 
     def unit_fingerprint(self, unit: str, image_fingerprint: str) -> str:
         """What a unit's bytes depend on: photos, the photo settings (prompt included); videos and their
-        segments also segmenting, noise mode and encoder; sequences only the noise mode (frames are photos
-        written in their own format)."""
+        segments also segmenting, noise mode and encoder; a sequence's frames (``sequence_frames``: its segments)
+        only the noise mode (frames are photos written in their own format); a sequence also its movie's rate and
+        encoder when ``video.sequence_fps`` is set (the movie is remade, never the frames, when they change)."""
         if unit == "image":
             return image_fingerprint
-        if unit == "sequence":
-            return fingerprint({"image": image_fingerprint, "noise": self.video.noise, "output_format": "same"})
+        if unit in ("sequence", "sequence_frames"):
+            frames = fingerprint({"image": image_fingerprint, "noise": self.video.noise, "output_format": "same"})
+            if unit == "sequence_frames" or self.video.sequence_fps is None:
+                return frames
+            return fingerprint({"frames": frames, "movie": self.video.movie_fingerprint_fields()})
         return fingerprint({"image": image_fingerprint, **self.video.fingerprint_fields()})

@@ -197,11 +197,7 @@ class SegmentEncoder:
         self.colour = colour.output_colour(index.colour, self.coded_height)  # as `assemble` tags it
         self._deep = fmt.components[0].bits > 8
         self._buffer = io.BytesIO()
-        staging = _STAGING.get(settings.codec, "nut")
-        options = _STAGING_OPTIONS[staging]
-        if staging == "mov" and index.time_base.numerator == 1:
-            options = options | {"video_track_timescale": str(index.time_base.denominator)}
-        self._container = av.open(self._buffer, "w", format=staging, options=options)
+        self._container = self._open()
         try:
             self._stream = self._add_stream(progressive)
         except BaseException:
@@ -210,6 +206,14 @@ class SegmentEncoder:
         self.frames = 0
         self._packets = 0
         self._last_pts: int | None = None
+
+    def _open(self):
+        """The container the packets go to: a staged segment in memory (`movie.MovieEncoder`: the output file)."""
+        staging = _STAGING.get(self.settings.codec, "nut")
+        options = _STAGING_OPTIONS[staging]
+        if staging == "mov" and self.index.time_base.numerator == 1:
+            options = options | {"video_track_timescale": str(self.index.time_base.denominator)}
+        return av.open(self._buffer, "w", format=staging, options=options)
 
     def _add_stream(self, progressive: bool):
         settings, index = self.settings, self.index
