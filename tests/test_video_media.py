@@ -429,6 +429,13 @@ def test_archive_masters_in_prores_and_dnxhr(folder, codec, source_pix_fmt, pix_
     assert_is_frame(frames[7][::4, ::4], 7, 12)
 
 
+def test_dnxhr_refuses_frames_below_its_minimum_with_a_clear_error(folder):
+    index = index_video(str(clips.moving_clip(folder)), "clip")
+    with pytest.raises(MediaError, match="at least 256x120") as caught:
+        SegmentEncoder(index, VideoEncoding(codec="dnxhr"), 128, 72)
+    assert caught.value.error_type == "encode_failed"
+
+
 def test_encoder_options_reach_the_encoder_and_codec_auto_follows_depth(folder):
     path = clips.moving_clip(folder)
     _, _, out, _ = roundtrip(path, folder, VideoEncoding(codec="h264", preset="ultrafast", threads=2,

@@ -31,6 +31,8 @@ _INTRA_PROFILES = {
     "dnxhr": {"422": ("yuv422p10le", "dnxhr_hqx"), "444": ("yuv444p10le", "dnxhr_444")},
 }
 _PARAMS_OPTIONS = {"h264": "x264-params", "h265": "x265-params"}
+# DNxHR's smallest frame: FFmpeg's encoder refuses smaller ones, and has been seen corrupting its heap doing so
+_DNXHR_MIN_SIZE = (256, 120)
 # Staged segments: NUT stores any time base exactly; MOV for the codecs NUT does not take.
 _STAGING = {"prores": "mov", "dnxhr": "mov"}
 # B-frames give the first packets a negative DTS; shifting them would move every timestamp.
@@ -194,6 +196,9 @@ class SegmentEncoder:
         self.pix_fmt = output_pix_fmt(index, settings)
         fmt = av.VideoFormat(self.pix_fmt)
         self.coded_width, self.coded_height = _coded_size(settings.codec, fmt, width, height)
+        if settings.codec == "dnxhr" and (width < _DNXHR_MIN_SIZE[0] or height < _DNXHR_MIN_SIZE[1]):
+            raise EncodeError(f"DNxHR codes frames of at least {_DNXHR_MIN_SIZE[0]}x{_DNXHR_MIN_SIZE[1]}, these are "
+                              f"{width}x{height}: choose another video.codec for such small outputs")
         self.colour = colour.output_colour(index.colour, self.coded_height)  # as `assemble` tags it
         self._deep = fmt.components[0].bits > 8
         self._buffer = io.BytesIO()
