@@ -55,13 +55,13 @@ def _local_segments(output: Location, keys: list[str]):
     with tempfile.TemporaryDirectory(prefix="dit4sr-segments-") as folder:
         paths = []
         for number, key in enumerate(keys):
-            paths.append(os.path.join(folder, f"{number:06d}.nut"))
+            paths.append(os.path.join(folder, f"{number:06d}.segment"))
             output.fs.get_file(output.path(key), paths[-1])
         yield paths
 
 
 def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: video.VideoIndex,
-                 source: Location, output: Location) -> dict[str, Any]:
+                 source: Location, output: Location, progressive: bool = True) -> dict[str, Any]:
     """Ray task: assemble and commit one video; returns its manifest row (``failed`` on any error)."""
     row = {**row, "started_at": manifest.utcnow()}
     temp = output.temp_path(row["output_key"])
@@ -70,7 +70,7 @@ def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: vid
         with _local_segments(output, [s["output_key"] for s in segments]) as paths, \
                 source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 22) as handle:
             stats = video.assemble(handle, paths, temp, index, row["source_key"],
-                                   container=os.path.splitext(row["output_key"])[1])
+                                   container=os.path.splitext(row["output_key"])[1], progressive=progressive)
         sha256 = _sha256_file(temp)
         step = "write_failed"
         written = output.commit_file(row["output_key"], temp)
@@ -167,14 +167,16 @@ class ClipFinisher:
             else:
                 self._commit(row)
         else:
-            self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output)] = clip
+            self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output,
+                                             clip.progressive)] = clip
 
     def _collect(self, refs: list[ray.ObjectRef]) -> None:
         for ref, row in zip(refs, ray.get(refs)):
             clip = self.pending.pop(ref)
             self._commit(row)
             if row["status"] == "ok" and clip.index is not None:  # sequences stage nothing
-                remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys])
+                remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys]
+                              + clip.staged_sources)
 
     def _commit(self, row: dict[str, Any]) -> None:
         self.clips[row["source_key"]].row["status"] = row["status"]

@@ -1,9 +1,11 @@
 """Planning: list the inputs, diff them against earlier manifests, and decide what to do — before any download.
 
-Inputs become units of work. A photo is one unit. A video is indexed from its packets (no decode) and cut into
-segments — frame ranges that are units of their own, so a long film spreads over the whole actor pool; so is a
-frame sequence (numbered images in a folder named by ``video.sequence_folders``). A clip is finished by the
-driver once all its segments are staged (``run.py``).
+Inputs become units of work. A photo is one unit. A video is indexed from its packets (no decode; in Ray tasks,
+once per version of the file: ``pipeline.video_index``) and cut into segments — frame ranges that are units of
+their own, so a long film spreads over the whole actor pool; so is a frame sequence (numbered images in a folder
+named by ``video.sequence_folders``). A clip whose GOP structure would make decoding each segment from its keyframe
+quadratic (one keyframe for the whole clip) is decoded once here, each segment's frames staged losslessly
+(``media.video.mezzanine``). A clip is finished by the driver once all its segments are staged (``run.py``).
 
 A unit is skipped when its latest ``ok``/``staged`` row (``pipeline.state``: the compacted state plus runs not yet
 folded into it) has the same source identity (size + ETag/mtime), the same config fingerprint, and what it wrote
@@ -17,6 +19,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import logging
 import pathlib
 import pickle
 import re
@@ -26,14 +29,18 @@ from typing import Any
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import ray
 from PIL import Image
 
-from . import manifest, media, sequence_movie, state
+from . import manifest, media, sequence_movie, state, video_index
 from .config import ConfigError, JobConfig, fingerprint
 from .engine import output_size_error, tiles_per_frame
 from .media import video
+from .media.video import mezzanine
 from .spec import RunSpec
 from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher
+
+log = logging.getLogger("pipeline")
 
 STAGING_DIR = "_staging"  # staged segment files, under the output; removed once their clip is committed
 SEQUENCE_FRAMES_PER_SECOND = 24  # frame sequences carry no timing: segment_seconds counts frames at this rate
@@ -48,7 +55,9 @@ class Clip:
     segment_keys: list[str]  # unit keys of every segment, in order
     staged: dict[str, dict[str, Any]]  # unit key -> the segment's staged row (earlier runs', then this run's)
     index: video.VideoIndex | None = None  # videos: what assembly needs
+    progressive: bool = True  # videos: tag the output progressive (False: an interlaced source kept woven)
     frame_outputs: list[str] = field(default_factory=list)  # sequences: every frame's output key
+    staged_sources: list[str] = field(default_factory=list)  # decoded-once segments' frames: removed with the clip
     movie_key: str | None = None  # sequences with video.sequence_fps: the movie made of the frames (sequence_movie)
 
     @property
@@ -63,7 +72,8 @@ class Plan:
     skipped: list[str] = field(default_factory=list)  # source keys of inputs already done (no rows: counted)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     clips: dict[str, Clip] = field(default_factory=dict)  # source key -> clip being made in this run
-    stale_staging: list[str] = field(default_factory=list)  # staged files of clips already committed
+    stale_staging: list[str] = field(default_factory=list)  # staged files of clips already committed, stale indexes
+    video_indexing: video_index.IndexStats | None = None  # how the videos were indexed (tasks, kept indexes, time)
 
     @property
     def run_id(self) -> str:
@@ -182,8 +192,13 @@ def group_inputs(entries: list[Entry], sequence_folders: list[str]) -> tuple[lis
 
 # -- the planner ---------------------------------------------------------------------------------------------------
 class _Planner:
-    def __init__(self, cfg: JobConfig, spec: RunSpec):
+    def __init__(self, cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None):
         self.cfg, self.spec = cfg, spec
+        # A dry run writes nothing (no kept indexes, no decoded-once staging); Ray tasks wherever Ray is up.
+        self.dry_run = dry_run
+        self.in_tasks = ray.is_initialized() if in_tasks is None else in_tasks
+        self.decoded_once: list[tuple[Entry, dict[str, Any], list[video.Segment], list[dict[str, Any]],
+                                      dict[str, Any]]] = []
         self.source, self.output = locations(cfg)
         check_output_outside_input(cfg, self.source, self.output)
         self.plan = Plan(spec=spec)
@@ -263,14 +278,7 @@ class _Planner:
             self.plan.todo.append(row)
 
     # Videos ---------------------------------------------------------------------------------------------------
-    def index(self, entry: Entry) -> video.VideoIndex | media.MediaError | Exception:
-        try:
-            with self.source.fs.open(self.source.path(entry.relative), "rb", block_size=1 << 20) as handle:
-                return video.index_video(handle, entry.relative)
-        except Exception as exc:  # noqa: BLE001 - becomes this video's failed row
-            return exc
-
-    def add_videos(self, entries: list[Entry], threads: int = 8) -> None:
+    def add_videos(self, entries: list[Entry]) -> None:
         rows = {}
         for entry in entries:
             row = self.row(entry.relative, "video", entry.size, entry.identity)
@@ -282,16 +290,18 @@ class _Planner:
                 self.sweep_staging(entry.relative)
                 continue
             rows[entry.relative] = (entry, row)
-        with ThreadPoolExecutor(threads) as pool:  # indexing reads packets: I/O-bound
-            indexes = dict(zip(rows, pool.map(self.index, [entry for entry, _ in rows.values()])))
+        indexed, self.plan.video_indexing = video_index.index_videos(
+            self.source, self.output, [_video_source(entry) for entry, _ in rows.values()],
+            max_seconds=self.cfg.limits.max_video_seconds, in_tasks=self.in_tasks, write=not self.dry_run)
         for key, (entry, row) in rows.items():
-            self.add_video(entry, row, indexes[key])
+            self.add_video(entry, row, indexed[key])
+        self.stage_decoded_once()
 
-    def add_video(self, entry: Entry, row: dict[str, Any], index: Any) -> None:
-        if isinstance(index, Exception):
-            error_type = getattr(index, "error_type", "read_failed" if isinstance(index, OSError) else "corrupt")
-            self.reject(row, error_type, f"{type(index).__name__}: {index}")
+    def add_video(self, entry: Entry, row: dict[str, Any], indexed: video_index.Indexed) -> None:
+        if indexed.failure is not None:
+            self.reject(row, indexed.failure.error_type, indexed.failure.message)
             return
+        index = indexed.index
         limits = self.cfg.limits
         row.update(width=index.width, height=index.height, source_format=f"{index.container}/{index.codec}",
                    frames_in=index.frames, duration_in=index.duration)
@@ -304,21 +314,65 @@ class _Planner:
             self.reject(row, "output_too_large", f"per frame: {too_large}")
             return
         try:
-            extension = video.output_container(entry.relative, index, self.spec.video["codec"])
+            encoding = self.spec.video.encoding.for_clip(index, index.width * self.spec.scale,
+                                                         index.height * self.spec.scale)
+            extension = video.output_container(entry.relative, index, encoding.codec)
         except media.MediaError as exc:
             self.reject(row, exc.error_type, str(exc))
             return
         if not self.claim(row, output_key(entry.relative, extension)) or self.skip(row):
             return
         rate = index.average_rate or (index.frames / index.duration if index.duration else 24)
-        segment_frames = max(1, round(self.spec.video["segment_seconds"] * float(rate)))
+        segment_frames = max(1, round(self.spec.video.segment_seconds * float(rate)))
         row["seed"] = seed = derive_seed(self.spec.base_seed, bytes.fromhex(index.content_sha256))
+        deinterlaced = video.deinterlaces(index, self.spec.video.deinterlace)
+        row["processing"] = video_processing(index, deinterlaced)
         # Rows carry a slim index (no per-frame tables) and each segment its own timestamps.
         slim = dataclasses.replace(index, pts=(), keyframes=())
+        planned = video.plan_segments(index, segment_frames, deinterlace=self.spec.video.deinterlace)
         segments = [self.segment_row(row, segment.start, segment.stop, seed, {
             "kind": "video", "segment": segment, "index": slim, "pts": index.pts[segment.start:segment.stop]})
-            for segment in video.plan_segments(index, segment_frames)]
-        self.add_clip(row, segments, index=index)
+            for segment in planned]
+        facts = {"index": index, "progressive": deinterlaced or not index.interlaced}
+        if mezzanine.uses_decoded_once(index, planned):
+            self.decoded_once.append((entry, row, planned, segments, facts))  # all such clips at once, in tasks
+        else:
+            self.add_clip(row, segments, **facts)
+
+    def stage_decoded_once(self) -> None:
+        """Clips whose segments would each decode from a far keyframe: decode each clip once (a Ray task per clip)
+        and stage every segment still to do as lossless frames, which its reader then carries instead of source
+        packets. Staged frames of an earlier run are reused; a clip that FFV1 cannot carry exactly keeps the
+        packet-copy path."""
+        jobs, plans = [], {}
+        for entry, row, planned, segments, facts in self.decoded_once:
+            keys = [video_index.staged_source_key(self.staging_prefix(entry.relative), segment, _video_source(entry))
+                    for segment in planned]
+            todo = [(segment, key, segment_row) for segment, key, segment_row in zip(planned, keys, segments)
+                    if self.done_before(segment_row) is None]
+            missing = tuple((segment, key) for segment, key, _ in todo if key not in self.existing)
+            if missing and not self.dry_run:
+                jobs.append(video_index.DecodedOnce(entry.relative, facts["index"], missing))
+            plans[entry.relative] = todo
+        failures = video_index.stage_decoded_sources(self.source, self.output, jobs, in_tasks=self.in_tasks)
+        for entry, row, planned, segments, facts in self.decoded_once:
+            failure = failures.get(entry.relative)
+            if failure is video_index.FALLBACK or (self.dry_run and failure is None):
+                self.add_clip(row, segments, **facts)
+                continue
+            if failure is not None:  # what earlier runs staged for it goes (this run's partial staging, next run)
+                self.reject(row, failure.error_type, failure.message)
+                prefix = self.staging_prefix(entry.relative) + "/"
+                self.plan.stale_staging += [key for key in self.existing
+                                            if key.startswith(prefix) and key.endswith(video_index.DECODED_SUFFIX)]
+                continue
+            cost = mezzanine.decode_cost(facts["index"], planned)
+            done = f"decoded once (from its keyframes: {cost.packet_copy_ratio:.1f} frames decoded per frame)"
+            row["processing"] = "; ".join(filter(None, [row.get("processing"), done]))
+            for _, key, segment_row in plans[entry.relative]:
+                segment_row["task"] = pickle.dumps({**pickle.loads(segment_row["task"]), "staged_source": key})
+            self.add_clip(row, segments, staged_sources=[key for _, key, _ in plans[entry.relative]], **facts)
+        self.decoded_once = []
 
     # Frame sequences ------------------------------------------------------------------------------------------
     def add_sequence(self, sequence: Sequence) -> None:
@@ -343,7 +397,7 @@ class _Planner:
             self.claimed[movie] = sequence.key
         if self.skip(row, outputs=frame_keys + ([movie] if movie else [])):
             return
-        per_segment = max(1, round(self.spec.video["segment_seconds"] * SEQUENCE_FRAMES_PER_SECOND))
+        per_segment = max(1, round(self.spec.video.segment_seconds * SEQUENCE_FRAMES_PER_SECOND))
         row["seed"] = seed = derive_seed(self.spec.base_seed, sequence.content_identity)
         segments = [self.segment_row(row, start, min(start + per_segment, len(frame_keys)), seed, {
             "kind": "sequence", "frames": frame_keys[start:start + per_segment]})
@@ -389,21 +443,45 @@ class _Planner:
             else:
                 clip.staged[segment["unit_key"]] = {**segment, **done, "task": None}
         # Staged files of other segment plans (e.g. another segment length) are no longer needed.
-        wanted = {s["output_key"] for s in segments}
+        wanted = {s["output_key"] for s in segments} | set(clip.staged_sources)
         self.plan.stale_staging += [key for key in self.existing
                                     if key.startswith(self.staging_prefix(row["source_key"]) + "/")
                                     and key not in wanted]
         self.plan.clips[row["source_key"]] = clip
 
 
-def make_plan(cfg: JobConfig, spec: RunSpec) -> Plan:
-    planner = _Planner(cfg, spec)
+def video_processing(index: video.VideoIndex, deinterlaced: bool) -> str | None:
+    """What happens to a clip besides upscaling, for its manifest row."""
+    done = []
+    if deinterlaced:
+        done.append(f"deinterlaced (bwdif, frame rate, {index.field_order} field order)")
+    elif index.interlaced:
+        done.append(f"interlaced ({index.field_order}) upscaled as progressive (video.deinterlace=off)")
+    if index.clock_offset:
+        done.append(f"timestamps from the file's start (its clock starts at {float(index.clock_offset):.3f} s)")
+    return "; ".join(done) or None
+
+
+def _video_source(entry: Entry) -> video_index.VideoSource:
+    return video_index.VideoSource(entry.relative, entry.size, entry.identity)
+
+
+def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None) -> Plan:
+    """The run's plan. Videos are indexed in Ray tasks when Ray is up (`in_tasks` None), else in threads here; a
+    dry run writes nothing."""
+    planner = _Planner(cfg, spec, dry_run=dry_run, in_tasks=in_tasks)
     entries = planner.source.list(cfg.input.include, cfg.input.exclude)
     images, videos, sequences = group_inputs(entries, cfg.video.sequence_folders)
     for entry in images:
         planner.add_image(entry)
     planner.add_videos(videos)
+    stats = planner.plan.video_indexing
+    if stats and stats.videos:
+        log.info("indexed %d video(s) in %.1f s (%s): %d read, %d kept indexes reused, %d failed", stats.videos,
+                 stats.seconds, f"{stats.tasks} Ray tasks" if stats.tasks else "on the driver", stats.indexed,
+                 stats.cached, stats.failed)
     planner.sweep_orphaned_staging(videos)
+    planner.plan.stale_staging += video_index.stale_entries(planner.output, [_video_source(e) for e in videos])
     for sequence in sequences:
         planner.add_sequence(sequence)
     return planner.plan

@@ -51,7 +51,8 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
     ray.data.DataContext.get_current().execution_no_progress_timeout_s = -1
     pending = ray.data.from_items(plan.todo, override_num_blocks=max(1, math.ceil(len(plan.todo) / batch_size)))
     fetched = pending.map_batches(
-        read_sources, fn_kwargs={"input_location": source}, batch_format="pyarrow", batch_size=batch_size,
+        read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
+        batch_size=batch_size,
         num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
     upscaled = fetched.map_batches(
         Upscaler,
@@ -142,7 +143,7 @@ def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
         written = (lay_out_example_videos if videos else lay_out_example_catalog)(source)
         log.info("input %s was empty: laid out an example catalog of %d %s", cfg.input.uri, len(written),
                  "files (a film and a frame sequence)" if videos else "photos")
-    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), manifest.new_run_id()))
+    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), manifest.new_run_id()), dry_run=dry_run)
     log.info("run %s (config %s): %d units to process (%d clips), %d already done, %d rejected", plan.run_id,
              plan.fingerprint, len(plan.todo), len(plan.clips), len(plan.skipped), len(plan.rejected))
     return plan

@@ -59,7 +59,7 @@ def _task(row: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- read -------------------------------------------------------------------------------------------------------
-def _read_unit(row: dict[str, Any], source: Location) -> None:
+def _read_unit(row: dict[str, Any], source: Location, output: Location | None = None) -> None:
     if row["unit"] == "image":
         row["data"] = source.read(row["source_key"])
         return
@@ -67,17 +67,20 @@ def _read_unit(row: dict[str, Any], source: Location) -> None:
     if task["kind"] == "sequence":
         row["frames"] = [source.read(key) for key in task["frames"]]
         return
+    if task.get("staged_source"):  # decoded once at planning (pipeline.video_index): its frames, losslessly
+        row["data"] = output.read(task["staged_source"])
+        return
     with source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 20) as handle:
         row["data"] = video.extract_segment(handle, task["segment"], row["source_key"])
 
 
-def read_sources(batch: pa.Table, input_location: Location) -> pa.Table:
+def read_sources(batch: pa.Table, input_location: Location, output_location: Location | None = None) -> pa.Table:
     """CPU task: fetch each unit's encoded input (an object deleted since listing becomes a failed row)."""
     rows = _rows(batch)
     for row in rows:
         row["started_at"] = manifest.utcnow()
         try:
-            _read_unit(row, input_location)
+            _read_unit(row, input_location, output_location)
         except FileNotFoundError as exc:
             _fail(row, "missing_source", f"source disappeared after listing: {exc}")
         except (UnsafeKeyError, media.MediaError) as exc:
@@ -148,7 +151,6 @@ class Upscaler:
         self.engine: Engine = load_engine(spec, device=device, prompt_embeds=embeds)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.worker = f"{self.node_id[:12]}/{os.getpid()}"
-        self.encoding = video.VideoEncoding(**{key: spec.video[key] for key in ("codec", "crf", "preset", "pix_fmt")})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._upscale(row) if row["status"] is None else row for row in _rows(batch)]
@@ -170,6 +172,8 @@ class Upscaler:
             return self._sequence_segment(row, task)
         except media.MediaError as exc:
             return _fail(row, exc.error_type, exc)
+        except Exception as exc:  # noqa: BLE001 - whatever goes wrong in one segment fails that unit alone
+            return _fail(row, "segment_failed", exc)
 
     def _check_output_size(self, row: dict[str, Any], width: int, height: int) -> bool:
         error = output_size_error(self.spec, width, height)
@@ -234,7 +238,7 @@ class Upscaler:
     def _frame_seeds(self, task: dict[str, Any], start: int, count: int) -> list[int]:
         """The clip's one seed for every frame; per-frame seeds only in the opt-in ``independent`` mode."""
         seed = task["clip_seed"]
-        if self.spec.video["noise"] == "consistent":
+        if self.spec.video.noise == "consistent":
             return [seed] * count
         return [derive_seed(seed, index.to_bytes(8, "little")) for index in range(start, start + count)]
 
@@ -245,7 +249,8 @@ class Upscaler:
         scale = self.spec.scale
         flicker = FlickerMeter(scale) if self.spec.measure_flicker else None
         frames = video.decode_segment(row.pop("data"), segment, row["source_key"])
-        encoder = video.SegmentEncoder(index, self.encoding, index.width * scale, index.height * scale)
+        encoder = video.SegmentEncoder(index, self.spec.video.encoding, index.width * scale, index.height * scale,
+                                       progressive=segment.deinterlace or not index.interlaced)
         done = segment.start
         for chunk in _batched(frames, self.spec.frames_per_call):
             sources = [media.to_float_rgb(frame) for frame in chunk]
@@ -259,7 +264,7 @@ class Upscaler:
             done += len(chunk)
         row.update(data=encoder.finish(), status="staged", width=index.width, height=index.height,
                    out_width=encoder.coded_width, out_height=encoder.coded_height, frames_out=encoder.frames,
-                   codec=self.encoding.codec, **(flicker.fields() if flicker else {}))
+                   codec=encoder.settings.codec, **(flicker.fields() if flicker else {}))
         return row
 
     def _sequence_segment(self, row: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:

@@ -154,9 +154,9 @@ def test_staged_frames_of_a_video_that_disappears_are_swept(ray_local, tmp_path)
     source.mkdir()
     video_clips.write_clip(source / "gone.mp4", frames=60, gop=1000)  # one keyframe
     video_clips.corrupt_packet_clip(source, "damaged.mkv")  # fails while decoding once: corrupt, at planning
-    cfg = config(tmp_path, video={"segment_seconds": 0.2})
+    cfg = config(tmp_path, video={"segment_seconds": 0.08})  # 2 frames: past 3x even for damaged.mkv's 12-frame GOP
     plan = plan_of(cfg)  # stages gone.mp4's frames, as a run killed after planning would leave them
-    assert len(plan.clips["gone.mp4"].staged_sources) == 12
+    assert len(plan.clips["gone.mp4"].staged_sources) == 30
     assert [(r["source_key"], r["error_type"]) for r in plan.rejected] == [("damaged.mkv", "corrupt")]
     assert "frames" in plan.rejected[0]["error_message"]
     (source / "gone.mp4").unlink()
