@@ -27,6 +27,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import pytest
+from support import missing
 from support import video_corpus as corpus
 from support.video_path import combing, run_video_path
 
@@ -251,7 +252,7 @@ def check_corpus(source: Decoded, facts: corpus.Facts, path: pathlib.Path) -> No
 def test_video_conformance(video_corpus, kind, tmp_path):
     built = video_corpus[kind]
     if isinstance(built, corpus.CorpusSkip):
-        pytest.skip(f"{kind} cannot be made here: {built}")
+        missing(f"{kind} cannot be made here: {built}")  # under CI=true a failure: .ci/run installs ffmpeg
     path, facts = built
 
     with av.open(str(path)) as container:
