@@ -99,8 +99,15 @@ def few_torch_threads():
 def start_local_ray() -> None:
     import ray
 
-    ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_FAKE_GPUS, object_store_memory=200 * 1024**2,
-             include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=RAY_CPUS, num_gpus=RAY_FAKE_GPUS, object_store_memory=200 * 1024**2,
+                     include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as exc:  # Ray gives its raylet a fixed 30 s to register: too short on a busy machine
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

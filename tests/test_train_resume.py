@@ -67,6 +67,7 @@ def _finish(process: subprocess.Popen) -> str:
     return log
 
 
+@pytest.mark.slow
 def test_resume_after_sigkilled_training_process_is_bit_identical(tmp_path):
     steps = 6
     extra = {"checkpoint_every": 2, "keep_checkpoints": 10, "num_threads": 1}

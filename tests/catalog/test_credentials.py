@@ -8,6 +8,7 @@ import logging
 import pathlib
 import uuid
 
+import pytest
 import ray
 import s3fs
 from support.catalog import job_config, small_catalog
@@ -16,6 +17,7 @@ from pipeline.config import validate_config
 from pipeline.run import EXIT_INPUTS_FAILED, run_job
 
 
+@pytest.mark.slow
 def test_storage_option_credentials_are_written_nowhere(ray_local, bucket, s3_server, capsys, caplog):
     key_id, secret = f"AKIACANARY{uuid.uuid4().hex[:10].upper()}", f"dit4sr-canary-secret-{uuid.uuid4().hex}"
     options = {"key": key_id, "secret": secret, "endpoint_url": s3_server, "client_kwargs": {"region_name": "us-east-1"}}

@@ -25,6 +25,7 @@ from pipeline.run import EXIT_OK, run_job
 from pipeline.storage import Location
 
 
+@pytest.mark.slow
 def test_actor_killed_mid_batch_loses_and_duplicates_nothing(ray_local, marker_dir, tmp_path):
     files = small_catalog(8)
     write_catalog(tmp_path / "in", files)

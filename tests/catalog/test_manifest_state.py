@@ -32,6 +32,7 @@ def ok_counts(output: pathlib.Path) -> dict[str, int]:
                            "where status = 'ok' group by 1").fetchall())
 
 
+@pytest.mark.slow
 def test_a_second_run_processes_exactly_what_changed(ray_local, tmp_path):
     """New and changed sources and a deleted output are redone, nothing else (untouched outputs are not even
     rewritten); the result is what one run over the final catalog gives; a setting that changes output bytes
@@ -72,6 +73,7 @@ def test_a_second_run_processes_exactly_what_changed(ray_local, tmp_path):
     assert set(latest.status) == {"ok"} and (latest.out_width == latest.width * 3).all()
 
 
+@pytest.mark.slow
 def test_planning_reads_the_unit_state_not_the_runs_history(ray_local, tmp_path):
     source, output = tmp_path / "in", tmp_path / "out"
     files = small_catalog(4)
@@ -162,6 +164,7 @@ def test_stale_temp_files_are_swept_only_when_old_and_only_under_the_output(tmp_
     assert fresh.exists() and outside.exists() and lookalike.exists() and staged.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lock", [True, False])
 def test_the_next_run_sweeps_temp_files_a_killed_write_left(ray_local, tmp_path, lock):
     source, output = tmp_path / "in", tmp_path / "out"
@@ -175,6 +178,7 @@ def test_the_next_run_sweeps_temp_files_a_killed_write_left(ray_local, tmp_path,
     assert not killed_write.exists()
 
 
+@pytest.mark.slow
 def test_what_did_last_night_do_is_one_query(ray_local, tmp_path):
     source, output = tmp_path / "in", tmp_path / "out"
     write_catalog(source, {**small_catalog(3), "broken.png": b"", "bad/x.png": b"not a png"})

@@ -85,6 +85,7 @@ def test_rerun_and_compute_changes_reprocess_nothing(ray_local, catalog):
     assert outputs(output) == before
 
 
+@pytest.mark.slow
 def test_output_is_independent_of_batching_and_actor_count(ray_local, catalog):
     source, output, files = catalog
     other = output.parent / "other"
@@ -95,6 +96,7 @@ def test_output_is_independent_of_batching_and_actor_count(ray_local, catalog):
     assert dict(zip(first.source_key, first.seed)) == dict(zip(second.source_key, second.seed))
 
 
+@pytest.mark.slow
 def test_output_inside_input_is_refused_before_any_work(ray_local, catalog):
     from pipeline.config import ConfigError
 
@@ -159,6 +161,7 @@ def test_invalid_inputs_fail_alone_with_clear_error_types(ray_local, tmp_path):
     assert summary["failed"] == len(files) and summary["failures_by_type"]["empty_file"] == 1
 
 
+@pytest.mark.slow
 def test_fake_gpus_one_per_actor(ray_local, marker_dir, tmp_path):
     write_catalog(tmp_path / "in", small_catalog(8))
     config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": "support.engines:gpu_probe"},

@@ -9,6 +9,7 @@ import urllib.parse
 
 import boto3
 import pyarrow.dataset as pads
+import pytest
 import s3fs
 from PIL import Image
 from support.catalog import image_bytes, job_config, small_catalog
@@ -62,6 +63,7 @@ def test_s3_end_to_end(ray_local, bucket, s3_options):
     assert (last["ok"], last["skipped"], last["exit_code"]) == (0, len(files), 0)
 
 
+@pytest.mark.slow
 def test_s3_key_with_dotdot_and_deleted_object_fail_alone(ray_local, bucket, s3_options, s3_server):
     fs = s3fs.S3FileSystem(**s3_options)
     files = small_catalog(3)
@@ -115,6 +117,7 @@ def test_storage_retries_back_off_exponentially(bucket, s3_options, s3_server, c
     assert len(gaps) == 6 and all(gap >= delay for gap, (_, delay) in zip(gaps, retries))
 
 
+@pytest.mark.slow
 def test_s3_throttling_is_retried_with_backoff(ray_local, bucket, s3_options, s3_server):
     fs = s3fs.S3FileSystem(**s3_options)
     files = small_catalog(4)

@@ -26,13 +26,14 @@ def refused(config: dict) -> str:
     return message
 
 
-def test_exit_codes_of_the_job_command(ray_local, tmp_path):
-    """The job as operators run it (job processes joining the session's Ray): 1 for a config it cannot use — an
-    unknown key; a mistyped input folder, with one line naming it and nothing written —, 3 when an input failed,
-    0 when the re-run finds nothing left to do."""
+def test_a_mistyped_config_or_input_folder_exits_1_with_one_line_and_does_nothing(ray_local, tmp_path):
+    """The job as operators run it (job processes joining the session's Ray): exit 1 for a config it cannot use,
+    an unknown key or a mistyped input folder, with one line naming it, and nothing written."""
     env = {"RAY_ADDRESS": session_ray_address()}
     bad = Job({"input": {"uri": "x"}, "output": {"uri": "y"}, "upscale": {"scael": 2}}, tmp_path / "bad.yaml", env=env)
-    assert bad.finish() == EXIT_JOB_FAILED and "upscale.scael: unknown key" in bad.log, bad.log
+    assert bad.finish() == EXIT_JOB_FAILED, bad.log
+    assert f"error: invalid config {tmp_path / 'bad.yaml'}:\n  upscale.scael: unknown key\n" in bad.log
+    assert "Traceback" not in bad.log
 
     missing = tmp_path / "photos-typo"
     typo = Job(job_config(str(missing), str(tmp_path / "out")), tmp_path / "typo.yaml", env=env)
@@ -42,6 +43,10 @@ def test_exit_codes_of_the_job_command(ray_local, tmp_path):
     assert "Traceback" not in typo.log and "progress" not in typo.log
     assert not (tmp_path / "out").exists()  # no lock, no manifest: nothing written
 
+
+@pytest.mark.slow
+def test_the_job_exits_3_when_an_input_failed_and_0_once_nothing_is_left(ray_local, tmp_path):
+    env = {"RAY_ADDRESS": session_ray_address()}
     write_catalog(tmp_path / "in", {"ok.png": small_catalog(1)["album0/photo 0.png"], "empty.png": b""})
     config = job_config(str(tmp_path / "in"), str(tmp_path / "out"))
     first = Job(config, tmp_path / "job.yaml", env=env)
