@@ -112,6 +112,7 @@ def test_indexes_from_tasks_equal_the_drivers(ray_local, tmp_path):
     assert "8.0 s, longer than the limit" in errors["declared_long.mp4"][1]
 
 
+@pytest.mark.slow  # two jobs; the decoded-once path itself runs in the fast tier (tests/test_video_mezzanine.py)
 def test_a_single_keyframe_film_is_decoded_once_and_comes_out_as_on_the_packet_copy_path(ray_local, tmp_path,
                                                                                           monkeypatch):
     """The corpus's intra-refresh H.264 (300 frames, one keyframe, AAC), 10 segments: staged decoded once at planning
