@@ -18,6 +18,7 @@ from pipeline.media.video import (
     output_container,
     plan_segments,
 )
+from pipeline.media.video.index import field_rate_index
 
 FAST = VideoEncoding(preset="ultrafast", threads=2)
 
@@ -34,21 +35,29 @@ def stage(name: str, call, *args, **kwargs):
 
 
 def run_video_path(path: pathlib.Path, out_folder: pathlib.Path, *, scale: int = 4, segments: int = 3,
-                   encoding: VideoEncoding = FAST, deinterlace: str = "auto") -> tuple[pathlib.Path, int]:
-    """Upscale `path` x`scale` in about `segments` segments; returns the output and the number of segments."""
+                   encoding: VideoEncoding = FAST, deinterlace: str = "auto",
+                   deinterlace_rate: str = "frame") -> tuple[pathlib.Path, int]:
+    """Upscale `path` x`scale` in about `segments` segments; returns the output and the number of segments.
+    `deinterlace_rate` field: one output frame per field where the clip is deinterlaced (the output's timeline is
+    `field_rate_index`'s)."""
     name = path.name
     index = stage("index_video", index_video, str(path), name)
     segment_frames = max(1, index.frames // segments)
-    planned = stage("plan_segments", plan_segments, index, segment_frames, deinterlace=deinterlace)
+    planned = stage("plan_segments", plan_segments, index, segment_frames, deinterlace=deinterlace,
+                    rate=deinterlace_rate)
+    source_index = index
+    if planned[0].field_rate:
+        index = field_rate_index(index)
     assert len(planned) >= segments, f"{index.frames} frames planned as {len(planned)} segments"
     width, height = index.width * scale, index.height * scale
     progressive = planned[0].deinterlace or not index.interlaced
+    per_frame = 2 if planned[0].field_rate else 1
     staged = []
     for segment in planned:
         where = f"segment {segment.start}-{segment.stop - 1}"
         data = stage(f"extract_segment ({where})", extract_segment, str(path), segment, name)
         frames = stage(f"decode_segment ({where})", lambda: list(decode_segment(data, segment, name)))
-        pts = index.pts[segment.start : segment.stop]
+        pts = index.pts[per_frame * segment.start : per_frame * segment.stop]
         assert len(frames) == len(pts), f"decode_segment ({where}) returned {len(frames)} of {len(pts)} frames"
         encoder = stage("SegmentEncoder", SegmentEncoder, index, encoding, width, height, progressive=progressive)
         top = np.float32(np.iinfo(frames[0].dtype).max)
@@ -59,6 +68,7 @@ def run_video_path(path: pathlib.Path, out_folder: pathlib.Path, *, scale: int =
     extension = stage("output_container", output_container, name, index,
                       encoding.for_clip(index, width, height).codec)
     out = out_folder / f"{path.stem}.x{scale}{extension}"
+    assert source_index.time_base == index.time_base * per_frame
     stage("assemble", assemble, str(path), staged, str(out), index, name, container=extension,
           progressive=progressive)
     return out, len(planned)

@@ -18,30 +18,41 @@ _DECODE_THREADS = 4  # bounds memory on many-core workers; decoded pixels do not
 # One frame per frame (the source's rate); parity from each frame's own flags; every frame, flagged or not (a clip
 # detected as interlaced is woven throughout, and per-frame flags are unreliable in broadcast and DV streams).
 _BWDIF = "mode=send_frame:parity=auto:deint=all"
+_BWDIF_FIELDS = "mode=send_field:parity=auto:deint=all"  # the same, one frame per field (double rate)
 
 
 def decode_segment(data: bytes, segment: Segment, name: str) -> Iterator[np.ndarray]:
     """Decode `extract_segment`'s packets and yield exactly frames [start, stop), in presentation order, as HxWx3
-    RGB: uint8, or uint16 for sources above 8 bits. Raises `CorruptVideoError` during iteration when the data is
-    damaged (see the package notes)."""
+    RGB: uint8, or uint16 for sources above 8 bits; for a field-rate segment, two frames per frame (its fields, in
+    display order). Raises `CorruptVideoError` during iteration when the data is damaged (see the package notes)."""
     parameters, staged = packets.unpack(data)
     decoder = parameters.decoder(_DECODE_THREADS, {"err_detect": ERR_DETECT})
     frames = _decoded(decoder, staged, parameters, segment, name)
     if segment.deinterlace:
-        frames = _deinterlaced(frames, parameters)
+        frames = _deinterlaced(frames, parameters, segment.field_rate)
+    wanted = _wanted_fields(segment) if segment.field_rate else (lambda pts: segment.first_pts <= pts <= segment.last_pts)
     yielded = 0
     last = None
     for frame in frames:
-        if not segment.first_pts <= frame.pts <= segment.last_pts:
+        if not wanted(frame.pts):
             continue  # context frames of the deinterlacer
         last = frame.pts
         yield colour.to_rgb(frame, segment.colour)
         yielded += 1
-    if yielded != segment.frames:
+    if yielded != segment.output_frames:
         raise CorruptVideoError(
-            f"{name}: frames {segment.start}-{segment.stop - 1}: the decoder returned {yielded} of {segment.frames} "
-            f"frames (last pts {last})"
+            f"{name}: frames {segment.start}-{segment.stop - 1}: the decoder returned {yielded} of "
+            f"{segment.output_frames} frames (last pts {last})"
         )
+
+
+def _wanted_fields(segment: Segment):
+    """Which of bwdif's field-rate outputs (pts in half the source's time base) belong to the segment: from its first
+    frame's first field up to, not including, the first field of the context frame after it (when there is one)."""
+    first = 2 * segment.first_pts
+    _, read_last = segment.read_range
+    stop = 2 * read_last if read_last != segment.last_pts else None
+    return lambda pts: first <= pts and (stop is None or pts < stop)
 
 
 def _decoded(decoder, staged: list[packets.StagedPacket], parameters: packets.CodecParameters, segment: Segment,
@@ -77,25 +88,27 @@ def _decoded(decoder, staged: list[packets.StagedPacket], parameters: packets.Co
         ) from error
 
 
-def _deinterlaced(frames: Iterator[av.VideoFrame], parameters: packets.CodecParameters) -> Iterator[av.VideoFrame]:
+def _deinterlaced(frames: Iterator[av.VideoFrame], parameters: packets.CodecParameters,
+                  field_rate: bool = False) -> Iterator[av.VideoFrame]:
     """bwdif over the frames (it holds one back: each output needs its successor), pts in the source's time base
-    (bwdif counts in half frames)."""
+    (bwdif counts in half frames), or in half of it at field rate (each field's time exact)."""
+    time_base = parameters.time_base / 2 if field_rate else parameters.time_base
     graph = None
     for frame in frames:
         if graph is None:
             graph = av.filter.Graph()
             source = graph.add_buffer(width=frame.width, height=frame.height, format=frame.format.name,
                                       time_base=parameters.time_base)
-            bwdif = graph.add("bwdif", _BWDIF)
+            bwdif = graph.add("bwdif", _BWDIF_FIELDS if field_rate else _BWDIF)
             sink = graph.add("buffersink")
             source.link_to(bwdif)
             bwdif.link_to(sink)
             graph.configure()
         graph.vpush(frame)
-        yield from _pulled(graph, parameters.time_base)
+        yield from _pulled(graph, time_base)
     if graph is not None:
         graph.vpush(None)
-        yield from _pulled(graph, parameters.time_base)
+        yield from _pulled(graph, time_base)
 
 
 def _pulled(graph, time_base) -> Iterator[av.VideoFrame]:

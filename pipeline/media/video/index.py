@@ -147,6 +147,20 @@ def index_video(file: Source, name: str, *, max_frames: int | None = None,
     )
 
 
+def field_rate_index(index: VideoIndex) -> VideoIndex:
+    """The timeline of a clip deinterlaced at field rate (one output frame per field): the time base halved, so that
+    every field's time is exact, and two frames per source frame, at the frame's time and halfway to the next (the
+    last one's halfway to `end_pts`), as bwdif's `send_field` places them. Keyframes mean nothing on it (the output
+    is encoded, never seeked in the source); the rest (colour, size, streams to copy, clock offset in seconds) is the
+    source's."""
+    ends = index.pts[1:] + (index.end_pts,)
+    pts = tuple(value for start, end in zip(index.pts, ends) for value in (2 * start, start + end))
+    return dataclasses.replace(
+        index, frames=2 * index.frames, time_base=index.time_base / 2, pts=pts, keyframes=(),
+        start_seek_pts=2 * index.start_seek_pts, end_pts=2 * index.end_pts, first_pts=2 * index.first_pts,
+        average_rate=2 * index.average_rate if index.average_rate else None)
+
+
 def _check_declared_length(container, stream, name: str, max_frames: int) -> None:
     """Reject from the headers what is certainly too long: an MP4/MOV sample count, else duration x frame rate with
     a margin for rounding (demuxing the file would say the same, hours later for a film)."""

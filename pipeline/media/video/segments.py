@@ -16,6 +16,7 @@ from .index import VideoIndex
 from .source import Source, damaged, opened, video_stream
 
 DEINTERLACE_MODES = ("auto", "on", "off")
+DEINTERLACE_RATES = ("frame", "field")  # one output frame per source frame, or per field (double rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,11 @@ class Segment:
     deinterlace: bool = False
     read_first_pts: int | None = None  # the frames decoded, context included (None: first_pts/last_pts)
     read_last_pts: int | None = None
+    field_rate: bool = False  # deinterlaced to one frame per field: two output frames per frame of the segment
+
+    @property
+    def output_frames(self) -> int:
+        return self.frames * (2 if self.field_rate else 1)
 
     @property
     def frames(self) -> int:
@@ -52,11 +58,15 @@ def deinterlaces(index: VideoIndex, mode: str) -> bool:
     return mode == "on" or (mode == "auto" and index.interlaced)
 
 
-def plan_segments(index: VideoIndex, segment_frames: int, *, deinterlace: str = "auto") -> list[Segment]:
+def plan_segments(index: VideoIndex, segment_frames: int, *, deinterlace: str = "auto",
+                  rate: str = "frame") -> list[Segment]:
     """Cut the clip into consecutive, balanced frame ranges of at most `segment_frames` frames (see the package notes
-    for why boundaries are not moved to keyframes). `deinterlace`: auto (what is coded interlaced), on, off."""
+    for why boundaries are not moved to keyframes). `deinterlace`: auto (what is coded interlaced), on, off; `rate`:
+    frame (one output frame per source frame) or field (one per field, where the clip is deinterlaced)."""
     if segment_frames < 1:
         raise ValueError(f"segment_frames {segment_frames!r}: a positive number of frames")
+    if rate not in DEINTERLACE_RATES:
+        raise ValueError(f"deinterlace rate {rate!r}: one of {', '.join(DEINTERLACE_RATES)}")
     fields = deinterlaces(index, deinterlace)
     count = -(-index.frames // segment_frames)
     bounds = [index.frames * i // count for i in range(count + 1)]
@@ -67,7 +77,8 @@ def plan_segments(index: VideoIndex, segment_frames: int, *, deinterlace: str = 
         seek_pts = index.pts[index.keyframes[position - 1]] if position else index.start_seek_pts
         segments.append(Segment(start, stop, seek_pts, index.pts[start], index.pts[stop - 1], index.time_base,
                                 index.colour, fields,
-                                index.pts[read_start] if fields else None, index.pts[read_stop - 1] if fields else None))
+                                index.pts[read_start] if fields else None, index.pts[read_stop - 1] if fields else None,
+                                fields and rate == "field"))
     return segments
 
 
