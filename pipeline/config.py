@@ -107,6 +107,9 @@ class VideoConfig(_Section):
     # frame per frame), on deinterlaces everything, off upscales woven fields (combing is magnified: wrong for
     # interlaced content).
     deinterlace: Literal["auto", "on", "off"] = "auto"
+    # Where a clip is deinterlaced: frame keeps the source's frame rate (one frame per frame); field doubles it (one
+    # frame per field, each at its field's time: 50i becomes 50p, smoother motion, twice the frames to upscale).
+    deinterlace_rate: Literal["frame", "field"] = "frame"
     frames_per_call: int = Field(4, ge=1)  # frames sampled together (their tiles share transformer batches)
     measure_flicker: bool = True  # record each clip's flicker figure (output vs bicubic) in its manifest row
     # Folders (globs relative to input.uri) whose numbered image files are frame sequences, one clip per

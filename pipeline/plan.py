@@ -198,7 +198,7 @@ class _Planner:
         self.dry_run = dry_run
         self.in_tasks = ray.is_initialized() if in_tasks is None else in_tasks
         self.decoded_once: list[tuple[Entry, dict[str, Any], list[video.Segment], list[dict[str, Any]],
-                                      dict[str, Any]]] = []
+                                      dict[str, Any], video.VideoIndex]] = []  # ..., the source's index
         self.source, self.output = locations(cfg)
         check_output_outside_input(cfg, self.source, self.output)
         self.plan = Plan(spec=spec)
@@ -326,16 +326,22 @@ class _Planner:
         segment_frames = max(1, round(self.spec.video.segment_seconds * float(rate)))
         row["seed"] = seed = derive_seed(self.spec.base_seed, bytes.fromhex(index.content_sha256))
         deinterlaced = video.deinterlaces(index, self.spec.video.deinterlace)
-        row["processing"] = video_processing(index, deinterlaced)
-        # Rows carry a slim index (no per-frame tables) and each segment its own timestamps.
-        slim = dataclasses.replace(index, pts=(), keyframes=())
-        planned = video.plan_segments(index, segment_frames, deinterlace=self.spec.video.deinterlace)
+        planned = video.plan_segments(index, segment_frames, deinterlace=self.spec.video.deinterlace,
+                                      rate=self.spec.video.deinterlace_rate)
+        field_rate = planned[0].field_rate
+        row["processing"] = video_processing(index, deinterlaced, field_rate)
+        # The output's timeline: the source's, or one frame per field (the time base halved) at field rate.
+        output_index = video.field_rate_index(index) if field_rate else index
+        per_frame = 2 if field_rate else 1
+        # Rows carry a slim index (no per-frame tables) and each segment its own output timestamps.
+        slim = dataclasses.replace(output_index, pts=(), keyframes=())
         segments = [self.segment_row(row, segment.start, segment.stop, seed, {
-            "kind": "video", "segment": segment, "index": slim, "pts": index.pts[segment.start:segment.stop]})
+            "kind": "video", "segment": segment, "index": slim,
+            "pts": output_index.pts[per_frame * segment.start:per_frame * segment.stop]})
             for segment in planned]
-        facts = {"index": index, "progressive": deinterlaced or not index.interlaced}
+        facts = {"index": output_index, "progressive": deinterlaced or not index.interlaced}
         if mezzanine.uses_decoded_once(index, planned):
-            self.decoded_once.append((entry, row, planned, segments, facts))  # all such clips at once, in tasks
+            self.decoded_once.append((entry, row, planned, segments, facts, index))  # all such clips at once, in tasks
         else:
             self.add_clip(row, segments, **facts)
 
@@ -345,17 +351,17 @@ class _Planner:
         packets. Staged frames of an earlier run are reused; a clip that FFV1 cannot carry exactly keeps the
         packet-copy path."""
         jobs, plans = [], {}
-        for entry, row, planned, segments, facts in self.decoded_once:
+        for entry, row, planned, segments, facts, index in self.decoded_once:
             keys = [video_index.staged_source_key(self.staging_prefix(entry.relative), segment, _video_source(entry))
                     for segment in planned]
             todo = [(segment, key, segment_row) for segment, key, segment_row in zip(planned, keys, segments)
                     if self.done_before(segment_row) is None]
             missing = tuple((segment, key) for segment, key, _ in todo if key not in self.existing)
             if missing and not self.dry_run:
-                jobs.append(video_index.DecodedOnce(entry.relative, facts["index"], missing))
+                jobs.append(video_index.DecodedOnce(entry.relative, index, missing))
             plans[entry.relative] = todo
         failures = video_index.stage_decoded_sources(self.source, self.output, jobs, in_tasks=self.in_tasks)
-        for entry, row, planned, segments, facts in self.decoded_once:
+        for entry, row, planned, segments, facts, index in self.decoded_once:
             failure = failures.get(entry.relative)
             if failure is video_index.FALLBACK or (self.dry_run and failure is None):
                 self.add_clip(row, segments, **facts)
@@ -366,7 +372,7 @@ class _Planner:
                 self.plan.stale_staging += [key for key in self.existing
                                             if key.startswith(prefix) and key.endswith(video_index.DECODED_SUFFIX)]
                 continue
-            cost = mezzanine.decode_cost(facts["index"], planned)
+            cost = mezzanine.decode_cost(index, planned)
             done = f"decoded once (from its keyframes: {cost.packet_copy_ratio:.1f} frames decoded per frame)"
             row["processing"] = "; ".join(filter(None, [row.get("processing"), done]))
             for _, key, segment_row in plans[entry.relative]:
@@ -450,11 +456,12 @@ class _Planner:
         self.plan.clips[row["source_key"]] = clip
 
 
-def video_processing(index: video.VideoIndex, deinterlaced: bool) -> str | None:
+def video_processing(index: video.VideoIndex, deinterlaced: bool, field_rate: bool = False) -> str | None:
     """What happens to a clip besides upscaling, for its manifest row."""
     done = []
     if deinterlaced:
-        done.append(f"deinterlaced (bwdif, frame rate, {index.field_order} field order)")
+        rate = "field rate: one frame per field" if field_rate else "frame rate"
+        done.append(f"deinterlaced (bwdif, {rate}, {index.field_order} field order)")
     elif index.interlaced:
         done.append(f"interlaced ({index.field_order}) upscaled as progressive (video.deinterlace=off)")
     if index.clock_offset:

@@ -33,16 +33,20 @@ class VideoSettings:
     deinterlace: str  # auto | on | off
     encoding: VideoEncoding  # its codec may be `auto`: resolved per clip (`VideoEncoding.for_clip`)
     sequence_fps: Fraction | None = None  # frame sequences also become a movie at this rate (pipeline.sequence_movie)
+    deinterlace_rate: str = "frame"  # frame | field (one output frame per field, where a clip is deinterlaced)
 
     @classmethod
     def of(cls, video: VideoConfig) -> "VideoSettings":
         return cls(segment_seconds=video.segment_seconds, noise=video.noise, deinterlace=video.deinterlace,
+                   deinterlace_rate=video.deinterlace_rate,
                    encoding=video.encoding(), sequence_fps=video.sequence_rate())
 
     def fingerprint_fields(self) -> dict[str, Any]:
         # The encoder's pinned thread count shapes x264/x265 bitstreams: a change of it must redo videos.
         encoding = dataclasses.asdict(self.encoding)
-        return {"segment_seconds": self.segment_seconds, "noise": self.noise, "deinterlace": self.deinterlace,
+        # deinterlace_rate only where it is not the default: the fingerprints of runs from before it stay valid.
+        rate = {} if self.deinterlace_rate == "frame" else {"deinterlace_rate": self.deinterlace_rate}
+        return {"segment_seconds": self.segment_seconds, "noise": self.noise, "deinterlace": self.deinterlace, **rate,
                 **{key: encoding[key] for key in ("codec", "crf", "preset", "pix_fmt")},
                 "encoder_options": [list(pair) for pair in self.encoding.encoder_options],
                 "encoder_threads": self.encoding.threads, "video_layer": VIDEO_LAYER_VERSION}
@@ -50,8 +54,8 @@ class VideoSettings:
     def movie_fingerprint_fields(self) -> dict[str, Any]:
         """What a sequence's movie depends on beyond its frames: the rate and the encoder."""
         fields = self.fingerprint_fields()
-        for key in ("segment_seconds", "noise", "deinterlace"):
-            del fields[key]
+        for key in ("segment_seconds", "noise", "deinterlace", "deinterlace_rate"):
+            fields.pop(key, None)
         return {**fields, "sequence_fps": str(self.sequence_fps)}
 
 

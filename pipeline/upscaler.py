@@ -251,7 +251,7 @@ class Upscaler:
         frames = video.decode_segment(row.pop("data"), segment, row["source_key"])
         encoder = video.SegmentEncoder(index, self.spec.video.encoding, index.width * scale, index.height * scale,
                                        progressive=segment.deinterlace or not index.interlaced)
-        done = segment.start
+        done = segment.start * (2 if segment.field_rate else 1)  # output frames before the segment's
         for chunk in _batched(frames, self.spec.frames_per_call):
             sources = [media.to_float_rgb(frame) for frame in chunk]
             upscaled = self._upscale_checked(row, sources, self._frame_seeds(task, done, len(chunk)))

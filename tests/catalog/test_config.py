@@ -164,6 +164,7 @@ def test_video_section_is_validated_like_every_other():
                            ({"noise": "random"}, "video.noise"), ({"segment_seconds": 0}, "video.segment_seconds"),
                            ({"crf": 60}, "video.crf"), ({"segmnt_seconds": 2}, "video.segmnt_seconds: unknown key"),
                            ({"deinterlace": "yes"}, "video.deinterlace"),
+                           ({"deinterlace_rate": "double"}, "video.deinterlace_rate"),
                            ({"pix_fmt": "yuv420p12le"}, "cannot be written by libx264"),  # auto may pick H.264
                            ({"encoder_options": {"tune": ["grain"]}}, "video.encoder_options")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
@@ -173,16 +174,20 @@ def test_video_section_is_validated_like_every_other():
                                                "encoder_options": {"g": 48, "tune": "grain"}}}).video
     assert video.encoding().encoder_options == (("g", "48"), ("tune", "grain"))
     assert validate_config(base).video.codec == "auto" and validate_config(base).video.deinterlace == "auto"
+    assert validate_config(base).video.deinterlace_rate == "frame"
+    assert validate_config({**base, "video": {"deinterlace_rate": "field"}}).video.deinterlace_rate == "field"
 
 
 def test_video_settings_enter_the_fingerprint_and_reach_workers_typed():
     base = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "bicubic"}}
     specs = {name: RunSpec.resolve(validate_config({**base, "video": video}), {"scale": 4}, "run")
              for name, video in [("default", {}), ("deinterlace", {"deinterlace": "off"}),
+                                 ("field_rate", {"deinterlace_rate": "field"}),
                                  ("options", {"encoder_options": {"tune": "grain"}}), ("codec", {"codec": "h264"}),
                                  ("frames_per_call", {"frames_per_call": 8})]}
     video_fingerprints = {name: spec.unit_fingerprint("video", "image") for name, spec in specs.items()}
-    assert len({video_fingerprints[n] for n in ("default", "deinterlace", "options", "codec")}) == 4
+    assert len({video_fingerprints[n] for n in ("default", "deinterlace", "field_rate", "options", "codec")}) == 5
+    assert specs["field_rate"].video.deinterlace_rate == "field"
     assert video_fingerprints["frames_per_call"] == video_fingerprints["default"]  # batching changes no bytes
     assert isinstance(specs["options"].video, VideoSettings)
     assert specs["options"].video.encoding.encoder_options == (("tune", "grain"),)

@@ -5,6 +5,7 @@ each step (timestamps, colour, interlacing, containers, determinism) are in READ
 
     index_video(source, name)                   -> VideoIndex   plan time: demux only, plus one decoded frame
     plan_segments(index, segment_frames)        -> [Segment]    frame ranges [start, stop)
+    field_rate_index(index)                     -> VideoIndex   the output timeline of field-rate deinterlacing
     extract_segment(source, segment, name)      -> bytes        the packets that decode them, with codec parameters
     decode_segment(data, segment, name)         -> frames       exactly frames [start, stop): HxWx3 uint8/uint16 RGB
     SegmentEncoder(index, encoding, w, h)       .add(float RGB frame, source pts) ... .finish() -> bytes
@@ -15,13 +16,14 @@ each step (timestamps, colour, interlacing, containers, determinism) are in READ
 from .assemble import assemble, output_container
 from .decode import decode_segment
 from .encode import CODECS, ENCODERS, PRESETS, SegmentEncoder, VideoEncoding
-from .index import VideoIndex, index_video
-from .segments import DEINTERLACE_MODES, Segment, deinterlaces, extract_segment, plan_segments
+from .index import VideoIndex, field_rate_index, index_video
+from .segments import DEINTERLACE_MODES, DEINTERLACE_RATES, Segment, deinterlaces, extract_segment, plan_segments
 from .source import Source
 
 __all__ = [
     "CODECS",
     "DEINTERLACE_MODES",
+    "DEINTERLACE_RATES",
     "ENCODERS",
     "PRESETS",
     "Segment",
@@ -33,6 +35,7 @@ __all__ = [
     "decode_segment",
     "deinterlaces",
     "extract_segment",
+    "field_rate_index",
     "index_video",
     "output_container",
     "plan_segments",
