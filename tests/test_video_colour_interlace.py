@@ -126,3 +126,57 @@ def test_interlaced_sources_are_deinterlaced_unless_turned_off(tmp_path, kind):
     assert deinterlaced <= 0.1 * woven, (deinterlaced, woven, progressive_reference)
     assert kept >= 0.8 * woven  # `off` upscales the weave: the combing stays
     assert order_auto == 1  # tagged progressive
+
+
+def shown_frames(path) -> tuple[list[float], list[np.ndarray], int]:
+    """Each frame's time (seconds) and pixels as a player shows them, and the stream's field order tag."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        shown = [(frame.time, frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+        return [time for time, _ in shown], [pixels for _, pixels in shown], stream.codec_context.field_order
+
+
+@pytest.mark.parametrize("kind", ["mpeg2_tff_ts", "h264_mbaff_m2ts", "dv_pal_bff_avi"])
+def test_field_rate_deinterlacing_gives_a_frame_per_field_at_its_time(tmp_path, kind):
+    """`video.deinterlace_rate: field`: twice the frames, the second of each pair halfway to the next frame (the last
+    one's halfway to the clip's end), no combing, tagged progressive; each first field is the frame-rate output's
+    frame (both are bwdif's output for that field)."""
+    path, facts = getattr(corpus, kind)(tmp_path)
+    source = index_video(str(path), path.name)
+    woven = np.mean([combing(frame) for frame in decoded_by_default_guess(path)])
+    outputs = {}
+    for rate in ("frame", "field"):
+        (tmp_path / rate).mkdir()
+        out, _ = run_video_path(path, tmp_path / rate, scale=1, segments=2, deinterlace_rate=rate,
+                                encoding=VideoEncoding(codec="h264", crf=0, preset="ultrafast", threads=2))
+        outputs[rate] = shown_frames(out)
+    (frame_times, frame_pixels, _), (times, pixels, field_order) = outputs["frame"], outputs["field"]
+    assert len(frame_times) == source.frames and len(times) == 2 * source.frames
+    last_field = float((source.end_pts - source.pts[-1]) * source.time_base) / 2
+    expected = [time for first, after in zip(frame_times, [*frame_times[1:], frame_times[-1] + 2 * last_field])
+                for time in (first, (first + after) / 2)]
+    lag = np.abs(np.array(times) - np.array(expected)).max()
+    deinterlaced = np.mean([combing(frame) for frame in pixels])
+    difference = max(np.abs(pixels[2 * i].astype(np.float32) - frame_pixels[i]).mean() for i in range(source.frames))
+    # each frame shows the bar where it was at its field's time (the corpus samples it per field): the second
+    # field is a picture of its own, not its frame's again
+    timings = [timing(frame, k // 2, k / 2, facts) for k, frame in enumerate(pixels)]
+    off_time = max(at / min(before, after) for before, at, after in timings)
+    print(f"{kind}: field rate: {len(times)} frames, worst time error {lag * 1000:.2f} ms, combing (of 255) "
+          f"{deinterlaced:.2f} (woven {woven:.2f}), first fields vs frame rate: mean difference {difference:.3f}, the bar where it is at each field's time: error at most {off_time:.2f} of a field early or late")
+    assert lag <= 0.001, list(zip(times, expected))
+    assert deinterlaced <= 0.1 * woven, (deinterlaced, woven)
+    assert field_order == 1  # tagged progressive
+    assert difference <= 0.5  # the same bwdif output for the first field of each frame
+    # measured: 1.4-1.5 (of 255) at the field's time, 10-13 a field (half a frame) early or late
+    assert off_time <= 0.25, timings
+
+
+def timing(frame: np.ndarray, index: int, time: float, facts) -> list[float]:
+    """How far (mean luma difference, lower half: the bar's band) the frame is from the corpus's frame `index` with
+    its bar where it is half a frame before `time`, at `time`, and half a frame after (luma: 4:2:0 chroma is shared
+    by both fields' rows)."""
+    def luma(pixels):
+        return pixels[pixels.shape[0] // 2 :].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    return [float(np.abs(luma(frame) - luma(corpus.pattern(index, facts.width, facts.height, at))).mean())
+            for at in (time - 0.5, time, time + 0.5)]
