@@ -163,7 +163,8 @@ def test_field_rate_deinterlacing_gives_a_frame_per_field_at_its_time(tmp_path, 
     timings = [timing(frame, k // 2, k / 2, facts) for k, frame in enumerate(pixels)]
     off_time = max(at / min(before, after) for before, at, after in timings)
     print(f"{kind}: field rate: {len(times)} frames, worst time error {lag * 1000:.2f} ms, combing (of 255) "
-          f"{deinterlaced:.2f} (woven {woven:.2f}), first fields vs frame rate: mean difference {difference:.3f}, the bar where it is at each field's time: error at most {off_time:.2f} of a field early or late")
+          f"{deinterlaced:.2f} (woven {woven:.2f}), first fields vs frame rate: mean difference {difference:.3f}, each frame's bar at its field's time: error at "
+          f"most {off_time:.2f} of a field early or late")
     assert lag <= 0.001, list(zip(times, expected))
     assert deinterlaced <= 0.1 * woven, (deinterlaced, woven)
     assert field_order == 1  # tagged progressive

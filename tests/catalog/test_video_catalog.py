@@ -176,6 +176,35 @@ def test_archive_footage_comes_out_ok_through_the_job(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_field_rate_deinterlacing_through_the_job(ray_local, tmp_path):
+    """`video.deinterlace_rate: field` through the whole job, in segments of 4 frames: interlaced clips come out with
+    a frame per field at its field's time (the TS's clock removed), the progressive clip as before, and the manifest
+    says so."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    made = {kind: getattr(video_corpus, kind)(folder)[0] for kind in ("mpeg2_tff_ts", "dv_pal_bff_avi", "mp4_edit_list")}
+    config = video_config(tmp_path, video={"deinterlace_rate": "field", "segment_seconds": 0.16})
+    assert run_job(validate_config(config)) == EXIT_OK
+    rows = manifests(tmp_path / "out")
+    clips = rows[rows.unit == "video"].set_index("source_key")
+    assert set(clips.status) == {"ok"}, clips[["status", "error_type", "error_message"]]
+    for kind, path in made.items():
+        row = clips.loc[path.name]
+        source = video.index_video(str(path), path.name)
+        timeline = video.field_rate_index(source) if source.interlaced else source
+        out = tmp_path / "out" / row.output_key
+        result = video.index_video(str(out), out.name)
+        assert result.frames == row.frames_out == timeline.frames == source.frames * (1 + source.interlaced), kind
+        times = [float(t * result.time_base) for t in result.pts]
+        expected = [float(t * timeline.time_base - timeline.clock_offset) for t in timeline.pts]
+        assert max(abs(a - b) for a, b in zip(times, expected, strict=True)) <= 0.001, kind
+        assert result.field_order == "progressive", kind
+    assert clips.loc["mpeg2_tff.ts"].processing.startswith(
+        "deinterlaced (bwdif, field rate: one frame per field, tt field order)")
+    assert clips.loc["dv_pal_bff.avi"].processing.startswith("deinterlaced (bwdif, field rate: one frame per field")
+
+
+@pytest.mark.slow
 def test_one_noise_field_per_clip_hides_segment_boundaries(ray_local, tmp_path):
     """Bundled DiT4SR on a moving clip, lossless FFV1 output: consistent noise makes frame pairs that straddle a
     segment boundary differ no more than pairs inside a segment, and flickers less than a seed per frame."""
