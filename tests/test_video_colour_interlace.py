@@ -10,7 +10,12 @@ from av.video.reformatter import ColorRange, Colorspace
 from support import video_corpus as corpus
 from support.video_path import combing, run_video_path
 
-from pipeline.media.video import VideoEncoding, index_video
+from pipeline.media.video import (
+    VideoEncoding,
+    field_rate_index,
+    index_video,
+    plan_segments,
+)
 
 # 75 % colour bars (white, yellow, cyan, green, magenta, red, blue, black), as SD test tapes carry them
 BARS = np.array([[191, 191, 191], [191, 191, 0], [0, 191, 191], [0, 191, 0], [191, 0, 191], [191, 0, 0],
@@ -181,3 +186,20 @@ def timing(frame: np.ndarray, index: int, time: float, facts) -> list[float]:
         return pixels[pixels.shape[0] // 2 :].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return [float(np.abs(luma(frame) - luma(corpus.pattern(index, facts.width, facts.height, at))).mean())
             for at in (time - 0.5, time, time + 0.5)]
+
+
+def test_the_field_rate_timeline_halves_the_time_base_and_places_each_second_field_halfway(tmp_path):
+    path, _ = corpus.mpeg2_tff_ts(tmp_path)
+    source = index_video(str(path), path.name)
+    fields = field_rate_index(source)
+    assert fields.time_base == source.time_base / 2 and fields.frames == 2 * source.frames
+    assert fields.pts[0::2] == tuple(2 * pts for pts in source.pts)
+    assert fields.pts[1::2] == tuple(a + b for a, b in zip(source.pts, (*source.pts[1:], source.end_pts)))
+    assert (fields.first_pts, fields.end_pts, fields.average_rate) == (
+        2 * source.first_pts, 2 * source.end_pts, 2 * source.average_rate)
+    assert fields.duration == source.duration and fields.clock_offset == source.clock_offset  # seconds
+    planned = plan_segments(source, 5, rate="field")
+    assert all(s.field_rate and s.output_frames == 2 * s.frames for s in planned)
+    assert not any(s.field_rate for s in plan_segments(source, 5, deinterlace="off", rate="field"))
+    with pytest.raises(ValueError, match="deinterlace rate 'double'"):
+        plan_segments(source, 5, rate="double")

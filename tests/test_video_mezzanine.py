@@ -56,7 +56,7 @@ def assert_identical_frames(path, segments, staged: dict[int, bytes]) -> None:
     for segment in segments:
         copied = list(video.decode_segment(video.extract_segment(str(path), segment, path.name), segment, path.name))
         once = list(video.decode_segment(staged[segment.start], segment, path.name))
-        assert len(copied) == len(once) == segment.frames
+        assert len(copied) == len(once) == segment.output_frames
         for number, (expected, got) in enumerate(zip(copied, once)):
             assert got.dtype == expected.dtype and np.array_equal(got, expected), (segment.start + number)
 
@@ -97,11 +97,11 @@ def test_normal_gops_keep_the_packet_copy_path(tmp_path):
 
 
 @pytest.mark.parametrize("clip", ["ten_bit", "yuv422p10le", "yuv444p", "full_range", "bottom_field_first",
-                                  "deinterlace_on"])
+                                  "deinterlace_on", "field_rate"])
 def test_decoded_once_frames_equal_the_packet_copy_paths(tmp_path, clip):
     """Pixel formats (10-bit, 4:2:2, 4:4:4, full range under FFmpeg's yuvj alias) and deinterlacing (bwdif reads each
-    frame's field order, and one context frame on each side of a segment)."""
-    deinterlace = "auto"
+    frame's field order, and one context frame on each side of a segment), at frame and at field rate."""
+    deinterlace, rate = "auto", "frame"
     if clip == "ten_bit":
         path = video_clips.ten_bit_clip(tmp_path, gop=100)
     elif clip in ("yuv422p10le", "yuv444p"):
@@ -110,13 +110,15 @@ def test_decoded_once_frames_equal_the_packet_copy_paths(tmp_path, clip):
         path = video_clips.full_range_clip(tmp_path, gop=100)
     elif clip == "bottom_field_first":
         path = interlaced_clip(tmp_path / "bff.mkv")
+    elif clip == "field_rate":
+        path, rate = interlaced_clip(tmp_path / "bff.mkv"), "field"
     else:
         path, deinterlace = interlaced_clip(tmp_path / "tff.mkv", bottom_first=False), "on"
     index = video.index_video(str(path), path.name)
-    segments = video.plan_segments(index, 3, deinterlace=deinterlace)  # 8-14 segments: well past THRESHOLD
-    if clip in ("bottom_field_first", "deinterlace_on"):
-        assert all(segment.deinterlace for segment in segments)
-        assert index.interlaced and (index.field_order in ("bb", "bt")) == (clip == "bottom_field_first")
+    segments = video.plan_segments(index, 3, deinterlace=deinterlace, rate=rate)  # 8-14 segments: past THRESHOLD
+    if clip in ("bottom_field_first", "deinterlace_on", "field_rate"):
+        assert all(segment.deinterlace and segment.field_rate == (clip == "field_rate") for segment in segments)
+        assert index.interlaced and (index.field_order in ("bb", "bt")) == (clip != "deinterlace_on")
     assert mezzanine.uses_decoded_once(index, segments)
     assert_identical_frames(path, segments, staged_decoded_once(path, index, segments))
 

@@ -14,11 +14,11 @@ from pipeline.media.video import (
     assemble,
     decode_segment,
     extract_segment,
+    field_rate_index,
     index_video,
     output_container,
     plan_segments,
 )
-from pipeline.media.video.index import field_rate_index
 
 FAST = VideoEncoding(preset="ultrafast", threads=2)
 
