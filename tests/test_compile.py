@@ -44,6 +44,7 @@ def test_repeated_blocks_are_the_joint_blocks():
     assert blocks == list(model.transformer_blocks)
 
 
+@pytest.mark.slow  # dynamo captures four image shapes: ~10 s
 def test_compiled_pipeline_compiles_once_per_block_kind_for_every_tile_batch(fresh_dynamo):
     """Images of 1, 4, 6 and 9 tiles with guidance and a tile batch of 4 make transformer batches of 2, 8, 4 and
     (9 = 4 + 4 + 1 tiles) 2: dynamic shapes serve them all with one graph per block kind (2 kinds here: dual

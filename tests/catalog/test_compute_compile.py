@@ -66,6 +66,7 @@ def test_yaml_on_off_and_bad_values(tmp_path):
         load_config(path, ["compute.compile=sometimes"])
 
 
+@pytest.mark.slow  # a DiT4SR job; the fast tier builds the actors' engine in process (test_dit4sr_engine)
 def test_summary_records_the_actors_tile_batch(ray_local, tiny_text_model_root, tmp_path):
     write_catalog(tmp_path / "in", {"a.png": image_bytes(8, 8, seed=1), "b.png": image_bytes(8, 8, seed=2)})
     assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, upscale={"scale": 2}))) == EXIT_OK

@@ -73,6 +73,7 @@ def test_local_end_to_end(ray_local, catalog):
     assert len(list(output.glob("_manifests/run=*/part-*.parquet"))) == 1  # the run's parts were compacted
 
 
+@pytest.mark.slow  # the fast tier's re-run is test_pipeline_s3's
 def test_rerun_and_compute_changes_reprocess_nothing(ray_local, catalog):
     source, output, files = catalog
     assert run(job_config(str(source), str(output))) == EXIT_OK
