@@ -289,6 +289,7 @@ def test_dpx_and_exr_are_images_and_numbered_ones_form_sequences():
 
 
 # -- through the catalog job -------------------------------------------------------------------------------------
+@pytest.mark.slow  # a whole job; decoding and writing of both formats are checked without one above
 def test_dpx_and_exr_sequences_and_photos_through_a_catalog_job(ray_local, tmp_path: pathlib.Path):
     from pipeline.config import validate_config
     from pipeline.run import EXIT_OK, run_job

@@ -74,6 +74,7 @@ def check_movie(path: pathlib.Path, sources: list[bytes], fps: float) -> dict:
     return facts
 
 
+@pytest.mark.slow  # a whole job; the movie's settings, keys and failures are checked without one below
 def test_sequences_become_movies_of_their_upscaled_frames(ray_local, tmp_path):
     write_catalog(tmp_path / "in", {**REEL, **SCANS})
     assert run_job(validate_config(config(tmp_path, sequence_fps=24))) == EXIT_OK

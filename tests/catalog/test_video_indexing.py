@@ -35,6 +35,7 @@ def kept_indexes(output: pathlib.Path) -> list[str]:
     return sorted(p.name for p in (output / video_index.INDEX_DIR).glob("*.json.gz"))
 
 
+@pytest.mark.slow  # three jobs; the tasks' indexes themselves are checked in the fast tier below
 def test_unchanged_videos_are_indexed_once_and_changed_ones_again(ray_local, tmp_path):
     source = tmp_path / "in"
     source.mkdir()
