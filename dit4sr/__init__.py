@@ -1,20 +1,36 @@
-"""DiT4SR: diffusion-transformer super-resolution (ICCV 2025), diffusers-style. No Ray, no buckets."""
+"""DiT4SR: diffusion-transformer super-resolution (ICCV 2025), diffusers-style. No buckets; Ray only inside the
+optional distributed training.
 
-from .degradation import Degradation, DegradationConfig
-from .models import DiT4SRTransformer2DModel, DiT4SRTransformerOutput, PixelUnshuffleAutoencoder
-from .pipeline_dit4sr import (
-    BUNDLED_MODEL,
-    OFFICIAL_ADDED_PROMPT,
-    OFFICIAL_NEGATIVE_PROMPT,
-    OFFICIAL_SETTINGS,
-    SAMPLER_VERSION,
-    DiT4SRPipeline,
-    DiT4SRPipelineOutput,
-    compose_prompt,
-)
-from .prompt_cache import PromptEmbedding, PromptEmbeddingCache, PromptEncoder
+The public names load on first use (PEP 562), so ``import dit4sr.<module>`` — the command-line tools' ``--help``,
+the catalog's storage helpers — does not pay for torch and diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Degradation": "degradation",
+    "DegradationConfig": "degradation",
+    "DiT4SRTransformer2DModel": "models",
+    "DiT4SRTransformerOutput": "models",
+    "PixelUnshuffleAutoencoder": "models",
+    "BUNDLED_MODEL": "pipeline_dit4sr",
+    "OFFICIAL_ADDED_PROMPT": "pipeline_dit4sr",
+    "OFFICIAL_NEGATIVE_PROMPT": "pipeline_dit4sr",
+    "OFFICIAL_SETTINGS": "pipeline_dit4sr",
+    "SAMPLER_VERSION": "pipeline_dit4sr",
+    "DiT4SRPipeline": "pipeline_dit4sr",
+    "DiT4SRPipelineOutput": "pipeline_dit4sr",
+    "compose_prompt": "pipeline_dit4sr",
+    "PromptEmbedding": "prompt_cache",
+    "PromptEmbeddingCache": "prompt_cache",
+    "PromptEncoder": "prompt_cache",
+}
 
 __all__ = [
     "BUNDLED_MODEL",
@@ -35,3 +51,30 @@ __all__ = [
     "PixelUnshuffleAutoencoder",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .degradation import Degradation, DegradationConfig
+    from .models import DiT4SRTransformer2DModel, DiT4SRTransformerOutput, PixelUnshuffleAutoencoder
+    from .pipeline_dit4sr import (
+        BUNDLED_MODEL,
+        OFFICIAL_ADDED_PROMPT,
+        OFFICIAL_NEGATIVE_PROMPT,
+        OFFICIAL_SETTINGS,
+        SAMPLER_VERSION,
+        DiT4SRPipeline,
+        DiT4SRPipelineOutput,
+        compose_prompt,
+    )
+    from .prompt_cache import PromptEmbedding, PromptEmbeddingCache, PromptEncoder
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

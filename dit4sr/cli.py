@@ -7,7 +7,8 @@ tags and audio/subtitle streams, and all its frames share one noise field from `
 noise) — through the same codec layer as the catalog job (``pipeline.media.video``). Outputs are written to a
 temporary name and renamed when complete, so a crash never leaves a partial file under the final name. An input that cannot be read, is not an image, is
 truncated or exceeds ``--max-pixels`` fails alone with a one-line reason on stderr; the others are
-still processed and the exit code is 1 when anything failed (2 for bad arguments or an unloadable model).
+still processed. Exit codes as the catalog job's: 0 all written, 1 nothing could be done (an unloadable model, no
+input naming anything) with one ``dit4sr-upscale: error:`` line, 2 a bad command line, 3 some inputs failed.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 import fsspec
-import pillow_heif
 from PIL import Image
-from tqdm.auto import tqdm
 
-from .image_processing import IMAGE_SUFFIXES
 from .storage import temp_name, write_atomic
 
 if TYPE_CHECKING:
@@ -63,6 +61,8 @@ def _output_name(relative: str) -> str:
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Job], list[tuple[str, str]]]:
     """Jobs for every image and video named by the inputs, and ``(input, reason)`` for inputs that name nothing."""
+    from .image_processing import IMAGE_SUFFIXES  # torch: imported once there is work, not for --help
+
     suffixes = set(IMAGE_SUFFIXES) | _video_suffixes()
     jobs, errors = [], []
     for item in inputs:
@@ -154,19 +154,32 @@ def upscale_video(job: Job, pipe, scale: int, seed: int, settings: dict, output_
     return target
 
 
+PROG = "dit4sr-upscale"
+DESCRIPTION = """Super-resolve images and videos on one machine, without Ray.
+
+Each image becomes OUTDIR/<name>.png (for a folder input, its path inside that folder); a video keeps its
+container, timestamps, colour tags, audio and subtitles, all its frames from one noise field. A bad input fails
+alone with one line; the others are still done. Outputs appear complete or not at all.
+
+exit codes: 0 all written, 1 nothing could be done (one error line), 2 a bad command line, 3 some inputs failed"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dit4sr-upscale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image or video files, directories or fsspec URLs")
     parser.add_argument("-o", "--output-dir", required=True, help="local folder for the outputs (PNG for images)")
     parser.add_argument("--model", default="bundled", help="'bundled' (default), a model folder or an fsspec URL")
     parser.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model's recommended)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: recommended)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="noise seed (default 0): the same seed, input and settings give the same output bytes")
     parser.add_argument("--tile-size", type=int, help="latent tile size (default: recommended)")
     parser.add_argument("--tile-overlap", type=int, help="latent tile overlap (default: recommended)")
     parser.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="default: recommended")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to run (default auto: CUDA where there is a GPU, else the CPU)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile the transformer's blocks (auto: on CUDA, where it pays for itself)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -180,11 +193,23 @@ def should_compile(choice: str, device: torch.device) -> bool:
     return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _failed(item: str, reason: str) -> str:
+    return f"{PROG}: failed {item}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.max_pixels < 1:
-        print("dit4sr-upscale: --max-pixels must be positive", file=sys.stderr)
-        return 2
+        parser.error("--max-pixels must be positive")
+    import pillow_heif
+    from tqdm.auto import tqdm
+
     # Our own limit is checked explicitly; Pillow's (lower by default) must not pre-empt a larger one.
     Image.MAX_IMAGE_PIXELS = args.max_pixels
     pillow_heif.register_heif_opener()
@@ -193,25 +218,24 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs, failures = expand_inputs(args.inputs)
     for item, reason in failures:
-        print(f"dit4sr-upscale: FAILED {item}: {reason}", file=sys.stderr)
+        print(_failed(item, reason), file=sys.stderr)
     seen: dict[str, str] = {}
     unique = []
     for job in jobs:
         if job.output in seen:
             reason = f"output name {job.output} already taken by {seen[job.output]}"
-            print(f"dit4sr-upscale: FAILED {job.source}: {reason}", file=sys.stderr)
+            print(_failed(job.source, reason), file=sys.stderr)
             failures.append((job.source, reason))
         else:
             seen[job.output] = job.source
             unique.append(job)
     if not unique:
-        return 1 if failures else 2
+        return _error("nothing to upscale: no input names an image or video")
 
     try:
         pipe = DiT4SRPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
     except Exception as error:  # noqa: BLE001 - reported as one line, like every other failure
-        print(f"dit4sr-upscale: cannot load model {args.model}: {_reason(error)}", file=sys.stderr)
-        return 2
+        return _error(f"cannot load model {args.model}: {_reason(error)}")
     if should_compile(args.compile, pipe._execution_device):
         pipe.enable_compile()
     settings = {k: v for k, v in {
@@ -233,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             written += 1
         except Exception as error:  # noqa: BLE001 - a bad input fails alone
             reason = _reason(error)
-            tqdm.write(f"dit4sr-upscale: FAILED {job.source}: {reason}", file=sys.stderr)
+            tqdm.write(_failed(job.source, reason), file=sys.stderr)
             failures.append((job.source, reason))
-    print(f"dit4sr-upscale: {written} written to {output_dir}, {len(failures)} failed", file=sys.stderr)
-    return 1 if failures else 0
+    print(f"{PROG}: {written} written to {output_dir}, {len(failures)} failed", file=sys.stderr)
+    return 3 if failures else 0
 
 
 if __name__ == "__main__":

@@ -631,7 +631,10 @@ def seed_everything(seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dit4sr-train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="dit4sr-train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train or fine-tune DiT4SR on one device, or data-parallel under Ray Train (--num-workers).\n\n"
+                    "exit codes: 0 done, 1 failed (one 'dit4sr-train: error:' line), 2 a bad command line")
     parser.add_argument("--config", required=True, help="training YAML (see configs/train/dit4sr_tiny.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: the config's, auto)")
@@ -644,14 +647,14 @@ def main(argv: list[str] | None = None) -> int:
                                           "(default: the config's distributed.storage, else output_dir)")
     parser.add_argument("--max-steps", type=int, help="override optim.max_steps (the length of the LR schedule)")
     parser.add_argument("--stop-at", type=int, help="stop after this step (checkpointed), keeping the schedule")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return _run(args, parser)
     except TrainingInputError as error:
         print(f"dit4sr-train: error: {error}", file=sys.stderr)
-        return 2
+        return 1
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -266,7 +266,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
 
 # -- bad input: clear errors from the command line ----------------------------------------------
 def _cli_error(capsys, argv) -> str:
-    assert main(argv) == 2
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("dit4sr-train: error: ") and "Traceback" not in err
     return err

@@ -76,6 +76,6 @@ def test_a_bad_input_met_by_the_workers_is_named(tmp_path, s3, capsys):
     raw["data"]["roots"] = [str(tmp_path / "no-such-photos")]
     (tmp_path / "train.yaml").write_text(__import__("yaml").safe_dump(raw))
     assert config.distributed.num_workers == 2
-    assert main(["--config", str(tmp_path / "train.yaml"), "--num-workers", "2", "--no-progress"]) == 2
+    assert main(["--config", str(tmp_path / "train.yaml"), "--num-workers", "2", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"dit4sr-train: error: worker 0: training data folder {tmp_path / 'no-such-photos'} does not exist" in err
