@@ -7,7 +7,11 @@ and renews it from a background thread every third of ``run.lock.ttl_s``. The le
 it expires. A second run that finds a live lease exits with EXIT_LOCKED, or waits up to ``run.lock.wait_s``.
 A run that dies (SIGKILL, lost node) stops renewing; once its lease has expired the next run takes it over,
 again atomically (``If-Match`` on the expired lease's ETag; on disks a compare-and-swap under a file lock), so
-of several runs waiting for it exactly one gets it.
+of several runs waiting for it exactly one gets it. A holder that is provably dead is taken over at once, without
+waiting for expiry: one on this machine whose process is gone (same host name, boot and PID namespace, and no
+process with its PID and start time), or one whose Ray job on this run's own Ray cluster has ended. Holders that
+cannot be checked (another machine, another cluster) keep the TTL. ``break_lock`` (the job's ``--break-lock``)
+takes over whatever holds it, for an operator who knows the holder is gone.
 
 Expiry compares the wall clocks of the machines involved: keep ``ttl_s`` far above their skew.
 """
@@ -55,6 +59,62 @@ class Held:
 
     record: dict[str, Any]
     version: str
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _machine() -> str | None:
+    """This machine and PID namespace (Linux): PIDs are comparable only between processes that share both."""
+    boot = _read_text("/proc/sys/kernel/random/boot_id")
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{namespace}" if boot else None
+
+
+def _process_started(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), None if there is none:
+    with the PID it names one process, whatever reuses the PID later."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    return stat.rpartition(")")[2].split()[19] if stat else None
+
+
+def _ray_job() -> dict[str, str]:
+    """This process's Ray session and job, where it is connected to Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    return {"ray_session": context.get_session_name(), "ray_job_id": context.get_job_id()}
+
+
+def dead_holder(record: dict[str, Any]) -> str | None:
+    """Why the lease's holder is provably dead, or None when it is alive or cannot be checked from here."""
+    pid, machine = record.get("pid"), _machine()
+    if pid and machine and (record.get("host"), record.get("machine")) == (socket.gethostname(), machine):
+        started = _process_started(int(pid))
+        if started is None:
+            return f"its process {pid} on this machine is gone"
+        if started != record.get("process_started"):
+            return f"its process {pid} on this machine is gone (the PID now belongs to another process)"
+        return None
+    session, job_id = record.get("ray_session"), record.get("ray_job_id")
+    if session and job_id and _ray_job().get("ray_session") == session:
+        # Ray's job table (GCS): a driver that died is marked dead by its raylet.
+        from ray._private.state import jobs
+
+        if any(job["JobID"] == job_id and job["IsDead"] for job in jobs()):
+            return f"its Ray job {job_id} on this cluster has ended"
+    return None
 
 
 def _iso(epoch: float) -> str:
@@ -183,8 +243,8 @@ class RunLease:
     """Context manager: acquires the output's lease (waiting up to ``wait_s``), renews it while the block runs,
     releases it at the end. Raises RunLocked when another run holds it."""
 
-    def __init__(self, output: Location, config: LockConfig):
-        self.output, self.config = output, config
+    def __init__(self, output: Location, config: LockConfig, *, break_lock: bool = False):
+        self.output, self.config, self.break_lock = output, config, break_lock
         self.uri = output.url(LEASE_KEY)
         self.token = uuid.uuid4().hex
         self.holder = f"{socket.gethostname()}/{os.getpid()}"
@@ -220,9 +280,13 @@ class RunLease:
 
     def _record(self) -> bytes:
         expires = time.time() + self.config.ttl_s
+        pid = os.getpid()
         return json.dumps({
             "holder": self.holder, "token": self.token, "acquired_at": _iso(self.acquired_at),
             "expires_at": expires, "expires": _iso(expires), "ttl_s": self.config.ttl_s,
+            # what dead_holder checks
+            "host": socket.gethostname(), "pid": pid, "machine": _machine(), "process_started": _process_started(pid),
+            **_ray_job(),
         }, indent=1).encode()
 
     def _acquire(self) -> None:
@@ -242,13 +306,19 @@ class RunLease:
             if current.record.get("token") == self.token:  # a retried create of ours had gone through
                 self._held = current
                 return
-            if current.record["expires_at"] < time.time():
+            holder, expired = current.record.get("holder"), _iso(current.record["expires_at"])
+            if self.break_lock:
+                why = f"--break-lock (it was renewed until {expired})"
+            elif current.record["expires_at"] < time.time():
+                why = f"it expired {expired}"
+            else:
+                why = dead_holder(current.record)
+            if why:
                 try:
                     self._held = Held(json.loads(data), self._store.swap(data, current.version))
                 except LeaseLost:
                     continue  # another run took it over first: look again
-                log.warning("run lock %s: took over the expired lease of %s (expired %s)", self.uri,
-                            current.record.get("holder"), _iso(current.record["expires_at"]))
+                log.warning("run lock %s: took over the lease of %s: %s", self.uri, holder, why)
                 return
             remaining = deadline - time.monotonic()
             held_by = (f"{current.record.get('holder')} (since {current.record.get('acquired_at')}, "

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -144,11 +148,10 @@ def test_overlapping_runs_and_a_killed_holder_commit_every_input_exactly_once(ga
     waiting.start()
     holder.wait_for(lambda: "waiting up to" in caplog.text, "the third run to wait for the lock")
     holder.kill()  # ... the first is SIGKILLed mid-run, its lease left behind ...
-    assert lease_record(output)["holder"] == held_by
     gate.touch()
     waiting.join(timeout=600)
-    assert waited["code"] == EXIT_OK  # ... and taken over once expired
-    assert f"took over the expired lease of {held_by}" in caplog.text
+    assert waited["code"] == EXIT_OK  # ... and taken over: its process is gone
+    assert f"took over the lease of {held_by}: its process {holder.process.pid} on this machine is gone" in caplog.text
 
     rows = manifest_rows(output)
     assert sorted(rows[rows.status == "ok"].source_key) == sorted(files)  # every input committed exactly once
@@ -167,3 +170,96 @@ def test_a_run_stopped_with_sigterm_releases_its_lease(gate, tmp_path):
     stopped.process.terminate()
     assert stopped.finish() == 128 + 15, stopped.log
     assert lease_record(output) is None  # the next run need not wait out the 600 s TTL
+
+
+# -- a dead holder is taken over at once; --break-lock; the TTL for holders that cannot be checked -------------------
+_HOLDER = """
+import sys, time
+from pipeline.config import LockConfig
+from pipeline.lease import RunLease
+from pipeline.storage import Location
+with RunLease(Location(sys.argv[1], {}), LockConfig(ttl_s=600)):
+    print("holding", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_sigkilled_holder_on_this_machine_is_taken_over_at_once(tmp_path, caplog):
+    """A real process holds the lease (TTL 600 s) and is SIGKILLed, as the OOM killer would: the next run does not
+    wait for the TTL, and says whose lease it took and why."""
+    output = Location(str(tmp_path / "out"), {})
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, output.uri], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "holding\n"
+        record = lease_record(output)
+        assert record["holder"].endswith(f"/{holder.pid}") and record["expires_at"] > time.time() + 500
+        with pytest.raises(RunLocked):  # alive: it keeps its lease
+            RunLease(output, LockConfig()).__enter__()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with RunLease(output, LockConfig()) as lease:  # wait_s 0: taken at once, or RunLocked
+        assert lease_record(output)["token"] == lease.token
+    assert (f"took over the lease of {record['holder']}: its process {holder.pid} on this machine is gone"
+            in caplog.text)
+
+
+def test_a_reused_pid_does_not_keep_a_dead_holders_lease(tmp_path, caplog):
+    """The PID is alive but belongs to another process (a later start time): the holder is dead."""
+    output = Location(str(tmp_path / "out"), {})
+    with RunLease(output, LockConfig(ttl_s=600)):
+        record = lease_record(output)
+    record.update(token="earlier", process_started=str(int(record["process_started"]) - 1),
+                  expires_at=time.time() + 600)
+    output.write_atomic(LEASE_KEY, json.dumps(record).encode())
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with RunLease(output, LockConfig()):
+        pass
+    assert "(the PID now belongs to another process)" in caplog.text
+
+
+def test_a_holder_that_cannot_be_checked_keeps_its_lease_until_it_expires(tmp_path):
+    """Another machine's holder (or one on this machine whose process lives) is not second-guessed."""
+    output = Location(str(tmp_path / "out"), {})
+    with RunLease(output, LockConfig(ttl_s=600)):
+        record = lease_record(output)
+    record.update(token="elsewhere", holder="another-host/1", host="another-host", pid=1, expires_at=time.time() + 600)
+    output.write_atomic(LEASE_KEY, json.dumps(record).encode())
+    with pytest.raises(RunLocked, match="locked by another run: another-host/1 "):
+        RunLease(output, LockConfig()).__enter__()
+    assert lease_record(output)["token"] == "elsewhere"
+
+
+def test_break_lock_takes_over_a_live_holder_and_names_it(store, caplog):
+    _, output = store
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with RunLease(output, LockConfig(ttl_s=600)) as live:
+        with RunLease(output, LockConfig(), break_lock=True) as breaker:
+            assert lease_record(output)["token"] == breaker.token
+        assert f"took over the lease of {live.holder}: --break-lock (it was renewed until " in caplog.text
+    assert live.lost or lease_record(output) is None  # the broken holder never deletes the new lease
+
+
+@pytest.mark.slow
+def test_a_holder_whose_ray_job_ended_is_taken_over_at_once(gate, tmp_path, caplog):
+    """A holder on another machine of the same Ray cluster cannot be checked by its PID, but by its Ray job."""
+    source, output = Location(str(tmp_path / "in"), {}), Location(str(tmp_path / "out"), {})
+    upload(source, small_catalog(2))
+    config, env = _lock_config(source, output, ttl_s=600)
+    holder = Job(config, tmp_path / "holder.yaml", env=env)
+    holder.wait_for(gate.with_suffix(".waiting").exists, "the first run to start upscaling")
+    record = lease_record(output)
+    assert record["ray_job_id"] and record["ray_session"]
+    holder.kill()
+    gate.touch()
+    record.update(host="another-machine", machine=None)  # as if it had run on another node of this cluster
+    output.write_atomic(LEASE_KEY, json.dumps(record).encode())
+    caplog.set_level(logging.INFO, logger="pipeline")
+    deadline = time.monotonic() + 60  # the raylet marks the job dead once it sees its driver gone
+    while (code := run_job(validate_config(config))) == EXIT_LOCKED:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(1)
+    assert code == EXIT_OK
+    assert f"took over the lease of {record['holder']}: its Ray job {record['ray_job_id']} on this cluster has ended" \
+        in caplog.text
