@@ -32,8 +32,12 @@ class InputConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     include: list[str] = Field(default_factory=lambda: ["**"])
     exclude: list[str] = Field(default_factory=list)
+    # false: the globs ignore case, so "**/*.jpg" also takes IMG_0001.JPG and .Jpeg (cameras and phones write
+    # upper case); true: exactly as written.
+    case_sensitive: bool = False
     # Lay out a small example catalog when the input folder is empty or absent: true or "photos" (skimage
-    # photos), "videos" (a short film with sound and a frame sequence, made from skimage photos).
+    # photos), "videos" (a short film with sound and a frame sequence, made from skimage photos). Only in the
+    # folder the config file names: `--set input.uri=...` turns it off (load_config).
     example_catalog: bool | Literal["photos", "videos"] = False
 
 
@@ -235,9 +239,22 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    written = data.get("input") if isinstance(data.get("input"), dict) else {}
+    written_uri = written.get("uri")
     for assignment in overrides or []:
         _apply_override(data, assignment)
+    _example_catalog_only_where_written(data, written_uri, overrides or [])
     return validate_config(data, source=str(path))
+
+
+def _example_catalog_only_where_written(data: dict[str, Any], written_uri: Any, overrides: list[str]) -> None:
+    """``input.example_catalog`` belongs to the folder its config file names. An ``input.uri`` given with --set
+    is the user's own folder, which must exist: a mistyped one is an error, never a demo (unless the override
+    asks for the example there too)."""
+    section = data.get("input")
+    asked = any(assignment.partition("=")[0].strip() == "input.example_catalog" for assignment in overrides)
+    if isinstance(section, dict) and section.get("uri") != written_uri and not asked:
+        section["example_catalog"] = False
 
 
 def validate_config(data: dict[str, Any], source: str = "<dict>") -> JobConfig:

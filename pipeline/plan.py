@@ -37,6 +37,7 @@ from .config import ConfigError, JobConfig, fingerprint
 from .engine import output_size_error, tiles_per_frame
 from .media import video
 from .media.video import mezzanine
+from .preflight import check_output_outside_input, locations  # noqa: F401 - also used from here
 from .spec import RunSpec
 from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher
 
@@ -86,24 +87,6 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint
-
-
-def locations(cfg: JobConfig) -> tuple[Location, Location]:
-    return (Location(cfg.input.uri, cfg.input.storage_options), Location(cfg.output.uri, cfg.output.storage_options))
-
-
-def check_output_outside_input(cfg: JobConfig, source: Location, output: Location) -> None:
-    """Refuse an output.uri inside input.uri unless the input patterns leave it out (no job may eat its outputs)."""
-    inner = source.contains(output)
-    if inner is None:
-        return
-    included, excluded = glob_matcher(cfg.input.include), glob_matcher(cfg.input.exclude)
-    probes = [f"{inner}/{name}".lstrip("/") for name in
-              ("photo.png", "album/photo.jpg", f"{manifest.MANIFEST_DIR}/run=r/part-p.parquet")]
-    if inner == "" or any(included(probe) and not excluded(probe) for probe in probes):
-        raise ConfigError(
-            f"output.uri {cfg.output.uri!r} lies inside input.uri {cfg.input.uri!r}: the job would read its own "
-            f"outputs as inputs. Move the output elsewhere or add input.exclude: ['{inner or '<output>'}/**']")
 
 
 def output_key(relative: str, extension: str) -> str:
@@ -477,7 +460,7 @@ def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks:
     """The run's plan. Videos are indexed in Ray tasks when Ray is up (`in_tasks` None), else in threads here; a
     dry run writes nothing."""
     planner = _Planner(cfg, spec, dry_run=dry_run, in_tasks=in_tasks)
-    entries = planner.source.list(cfg.input.include, cfg.input.exclude)
+    entries = planner.source.list(cfg.input.include, cfg.input.exclude, case_sensitive=cfg.input.case_sensitive)
     images, videos, sequences = group_inputs(entries, cfg.video.sequence_folders)
     for entry in images:
         planner.add_image(entry)

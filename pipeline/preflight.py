@@ -11,8 +11,8 @@ import os
 from typing import Any
 
 from .config import ConfigError, JobConfig
-from .plan import check_output_outside_input, locations
-from .storage import Location, service_error, with_retries
+from .manifest import MANIFEST_DIR
+from .storage import Location, glob_matcher, service_error, with_retries
 
 
 class PreflightError(ConfigError):
@@ -23,6 +23,25 @@ class PreflightError(ConfigError):
 _REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired",
             "InvalidClientTokenId", "UnrecognizedClientException", "AuthorizationHeaderMalformed"}
 _DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
+
+
+def locations(cfg: JobConfig) -> tuple[Location, Location]:
+    return (Location(cfg.input.uri, cfg.input.storage_options), Location(cfg.output.uri, cfg.output.storage_options))
+
+
+def check_output_outside_input(cfg: JobConfig, source: Location, output: Location) -> None:
+    """Refuse an output.uri inside input.uri unless the input patterns leave it out (no job may eat its outputs)."""
+    inner = source.contains(output)
+    if inner is None:
+        return
+    included, excluded = (glob_matcher(patterns, case_sensitive=cfg.input.case_sensitive)
+                          for patterns in (cfg.input.include, cfg.input.exclude))
+    probes = [f"{inner}/{name}".lstrip("/") for name in
+              ("photo.png", "album/photo.jpg", f"{MANIFEST_DIR}/run=r/part-p.parquet")]
+    if inner == "" or any(included(probe) and not excluded(probe) for probe in probes):
+        raise ConfigError(
+            f"output.uri {cfg.output.uri!r} lies inside input.uri {cfg.input.uri!r}: the job would read its own "
+            f"outputs as inputs. Move the output elsewhere or add input.exclude: ['{inner or '<output>'}/**']")
 
 
 def describe(exc: BaseException) -> str:

@@ -8,11 +8,11 @@ busy whatever the catalog holds; a clip is finished by the driver as soon as its
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import threading
+import os
 import time
+import urllib.parse
 from typing import Any
 
 import ray
@@ -23,20 +23,19 @@ from .engine import engine_kind, engine_run_settings, model_root, resolve_settin
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .lease import RunLease, RunLocked
 from .metrics import RunMetrics
+from .outcome import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_LOCKED, EXIT_OK  # noqa: F401 - the job's codes
 from .clips import ClipFinisher, remove_staged
 from .plan import Plan, estimate, locations, make_plan
+from .progress import FrameCounter, Progress
 from .spec import RunSpec
+from .storage import Location
 from .upscaler import Upscaler, read_sources, write_outputs
 
 log = logging.getLogger("pipeline")
 
-EXIT_OK = 0  # every input ok (or already done)
-EXIT_JOB_FAILED = 1  # the job itself failed: bad config, storage unreachable, cluster trouble
-EXIT_INPUTS_FAILED = 3  # the job finished, but some inputs have `failed` rows
-EXIT_LOCKED = 4  # another run holds the output's run lock (pipeline.lease); nothing was done
 
-
-def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> ray.data.Dataset:
+def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
+                  frame_counter: Any = None) -> ray.data.Dataset:
     """The streaming Ray Data plan; every stage returns manifest-shaped rows, failures included.
 
     Fault tolerance is Ray Data's own: task stages retry on worker loss and pool actors restart with their
@@ -56,60 +55,13 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any]) -> 
         num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
     upscaled = fetched.map_batches(
         Upscaler,
-        fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds},
+        fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds, "frame_counter": frame_counter},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max),
         num_gpus=cfg.compute.gpus_per_actor, num_cpus=cfg.compute.cpus_per_actor,
         batch_size=batch_size, batch_format="pyarrow")
     return upscaled.map_batches(
         write_outputs, fn_kwargs={"output_location": output, "run_id": plan.run_id}, batch_format="pyarrow",
         batch_size=batch_size, num_cpus=0.5)
-
-
-class Progress:
-    """Logs done/failed/remaining, items/min and tile-steps/s every ``interval`` seconds from a background thread,
-    one JSON line per finished input at debug level, and feeds the job's Ray metrics."""
-
-    def __init__(self, total: int, interval: float, metrics: RunMetrics):
-        self.total, self.interval, self.metrics = total, interval, metrics
-        self.ok = self.failed = 0
-        self.started = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "Progress":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        for row in rows:
-            if row["status"] in ("ok", "staged"):
-                self.ok += 1
-            else:
-                self.failed += 1
-            tile_steps = self.metrics.record(row)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(json.dumps({"event": "input_finished", **{key: row.get(key) for key in _LOGGED},
-                                      "tile_steps": tile_steps}, default=str))
-
-    def line(self) -> str:
-        elapsed = time.monotonic() - self.started
-        done = self.ok + self.failed
-        rate = done / elapsed * 60 if elapsed > 0 else 0.0
-        return (f"progress: {self.ok} done, {self.failed} failed, {self.total - done} remaining "
-                f"of {self.total} — {rate:.1f} items/min, {self.metrics.rate():.1f} tile-steps/s")
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            log.info(self.line())
-
-
-# Manifest columns in each finished input's JSON log line (everything but the URIs' common prefixes).
-_LOGGED = ("run_id", "source_key", "output_key", "status", "error_type", "error_message", "width", "height",
-           "out_width", "out_height", "seconds", "started_at", "finished_at", "worker")
 
 
 def _encode_prompts(root: str, storage_options: dict[str, Any], texts: list[str]) -> Any:
@@ -157,16 +109,29 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
     manifest.write_part(output, plan.run_id, rows)
     remove_staged(output, plan.stale_staging)
     clips = ClipFinisher(plan, cfg)
-    if plan.todo:
-        dataset = build_dataset(plan, cfg, prompt_embeddings(cfg, plan))
-        with Progress(len(plan.todo), cfg.run.progress_interval_s, RunMetrics(cfg, plan.settings)) as progress:
+    counter = FrameCounter.remote() if plan.clips and plan.todo else None
+    with Progress(plan, cfg.run.progress_interval_s, RunMetrics(cfg, plan.settings), counter) as progress:
+        counted = 0  # clips finished so far (some, staged by earlier runs, at once)
+
+        def count_finished_clips() -> None:
+            nonlocal counted
+            progress.add(clips.finished[counted:])
+            counted = len(clips.finished)
+
+        count_finished_clips()
+        if plan.todo:
+            dataset = build_dataset(plan, cfg, prompt_embeddings(cfg, plan), counter)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 done = batch.to_pylist()
                 rows.extend(done)
                 progress.add(done)
                 clips.add(done)
+                count_finished_clips()
+        clips.wait()
+        count_finished_clips()
+        if plan.todo or plan.clips:
             log.info(progress.line())
-    rows.extend(clips.wait())
+    rows.extend(clips.finished)
     manifest.commit_run(output, plan.run_id)  # the run's rows become visible at once, in one file
     state.fold(output)
     summary = manifest.summarize(rows, run_id=plan.run_id, seconds=time.monotonic() - started,
@@ -179,16 +144,39 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
     summary["summary_uri"] = manifest.write_summary(output, plan.run_id, summary)
     state.record_run(output, summary, started_at=started_at, finished_at=manifest.utcnow(),
                      exit_code=state.exit_code_of(summary))
-    print(manifest.format_summary(summary), flush=True)
+    print(manifest.format_summary(summary), *where_lines(output, summary), sep="\n", flush=True)
     return summary
 
 
-def run_job(cfg: JobConfig, *, dry_run: bool = False) -> int:
+def file_url(path: str) -> str:
+    """A file:// URL a browser opens (spaces and the like escaped; `=` of run folders kept readable)."""
+    return "file://" + urllib.parse.quote(os.path.abspath(path), safe="/=")
+
+
+def where_lines(output: Location, summary: dict[str, Any]) -> list[str]:
+    """Where a run's results are: outputs, its report (a file:// URL on disks, which a browser opens), and the
+    manifests' glob for pandas, pyarrow or DuckDB."""
+    def shown(relative: str) -> str:
+        return output.path(relative) if output.is_local else output.url(relative)
+
+    lines = [f"outputs:   {output.root if output.is_local else output.uri.rstrip('/')}/"]
+    if summary.get("report_uri"):
+        key = report.report_key(summary["run_id"])
+        lines.append(f"report:    {file_url(output.path(key)) if output.is_local else output.url(key)}")
+    lines.append(f"manifests: {shown(f'{manifest.MANIFEST_DIR}/*/*.parquet')} (this run: run_id = "
+                 f"'{summary['run_id']}'; one row per run: {shown(f'{state.RUNS_DIR}/*.parquet')})")
+    return lines
+
+
+def run_job(cfg: JobConfig, *, dry_run: bool = False, break_lock: bool = False) -> int:
+    """The whole run; returns its exit code. ``break_lock`` takes the output's run lock over from whatever run
+    holds it (an operator's decision: the job's ``--break-lock``)."""
     preflight.check(cfg)  # before the run lock writes under output.uri, and before any model loads
     if dry_run:
         return _dry_run(prepare(cfg, dry_run=True), cfg)
     _, output = locations(cfg)
-    lock = RunLease(output, cfg.run.lock) if cfg.run.lock.enabled else contextlib.nullcontext()
+    lock = (RunLease(output, cfg.run.lock, break_lock=break_lock) if cfg.run.lock.enabled
+            else contextlib.nullcontext())
     try:
         with lock:  # held from before planning until the summary is written
             if cfg.run.lock.enabled:  # only a lock holder may tidy what earlier runs left

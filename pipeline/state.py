@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import manifest
+from .outcome import EXIT_INPUTS_FAILED, EXIT_OK
 from .storage import Location, with_retries
 
 log = logging.getLogger("pipeline")
@@ -205,7 +206,7 @@ def _record_unrecorded(output: Location, files: manifest.RunFiles) -> None:
 
 def exit_code_of(summary: dict[str, Any]) -> int:
     """The exit code of a run that ended (pipeline.run): 0 all ok or already done, 3 some inputs failed."""
-    return 3 if summary["failed"] else 0
+    return EXIT_INPUTS_FAILED if summary["failed"] else EXIT_OK
 
 
 # -- recovery ------------------------------------------------------------------------------------------------------

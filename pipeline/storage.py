@@ -107,8 +107,11 @@ def _with_default_retries(protocol: str, options: dict[str, Any]) -> dict[str, A
     return options
 
 
-def glob_matcher(patterns: list[str]) -> Callable[[str], bool]:
-    compiled = [re.compile(glob_translate(pattern)) for pattern in patterns]
+def glob_matcher(patterns: list[str], *, case_sensitive: bool = True) -> Callable[[str], bool]:
+    """Whether a relative key matches any of the globs (``**`` spans folders); ``case_sensitive=False`` lets
+    ``*.jpg`` match ``IMG_0001.JPG`` too."""
+    flags = 0 if case_sensitive else re.IGNORECASE
+    compiled = [re.compile(glob_translate(pattern), flags) for pattern in patterns]
     return lambda path: any(regex.match(path) for regex in compiled)
 
 
@@ -186,14 +189,15 @@ class Location:
             return ""
         return other.root[len(self.root) + 1:] if other.root.startswith(self.root + "/") else None
 
-    def list(self, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Entry]:
+    def list(self, include: list[str] | None = None, exclude: list[str] | None = None, *,
+             case_sensitive: bool = True) -> list[Entry]:
         """Every file under the root (sorted by relative key), filtered by include/exclude globs."""
         self.fs.invalidate_cache(self.root)  # other processes write here: never answer from a cached listing
         if not with_retries(lambda: self.fs.exists(self.root)):
             return []
         found = with_retries(lambda: self.fs.find(self.root, detail=True))
-        included = glob_matcher(include or ["**"])
-        excluded = glob_matcher(exclude or [])
+        included = glob_matcher(include or ["**"], case_sensitive=case_sensitive)
+        excluded = glob_matcher(exclude or [], case_sensitive=case_sensitive)
         entries = []
         for name, info in found.items():
             if info.get("type") == "directory":

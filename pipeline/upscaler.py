@@ -141,10 +141,10 @@ class Upscaler:
     """Actor: loads the engine once in ``__init__`` and keeps it; ``__call__`` handles one batch of units, each by
     its kind: a photo, a video segment, or a frame-sequence segment."""
 
-    def __init__(self, spec: RunSpec, prompt_embeds: dict[str, Any] | None = None):
+    def __init__(self, spec: RunSpec, prompt_embeds: dict[str, Any] | None = None, frame_counter: Any = None):
         import ray
 
-        self.spec = spec
+        self.spec, self.frame_counter = spec, frame_counter  # a progress.FrameCounter where the run has clips
         device = spec.device or ("cuda" if ray.get_gpu_ids() else "cpu")
         # Prompt embeddings arrive as object refs (computed once per distinct prompt, outside the actors).
         embeds = {prompt: ray.get(ref) for prompt, ref in (prompt_embeds or {}).items()}
@@ -235,6 +235,10 @@ class Upscaler:
             _fail(row, "encode_failed", exc)
         return None
 
+    def _frames_done(self, count: int) -> None:
+        if self.frame_counter is not None:
+            self.frame_counter.add.remote(count)  # fire and forget: progress display only
+
     def _frame_seeds(self, task: dict[str, Any], start: int, count: int) -> list[int]:
         """The clip's one seed for every frame; per-frame seeds only in the opt-in ``independent`` mode."""
         seed = task["clip_seed"]
@@ -262,6 +266,7 @@ class Upscaler:
                 if flicker is not None:
                     flicker.add(source, output)
             done += len(chunk)
+            self._frames_done(len(chunk))
         row.update(data=encoder.finish(), status="staged", width=index.width, height=index.height,
                    out_width=encoder.coded_width, out_height=encoder.coded_height, frames_out=encoder.frames,
                    codec=encoder.settings.codec, **(flicker.fields() if flicker else {}))
@@ -303,6 +308,7 @@ class Upscaler:
                     return _fail(row, exc.error_type, f"{key}: {exc}")
                 if flicker is not None:
                     flicker.add(source, output)
+            self._frames_done(len(chunk))
         row.update(frames=outputs, status="staged", out_width=size[1] * self.spec.scale,
                    out_height=size[0] * self.spec.scale, frames_out=len(outputs),
                    **(flicker.fields() if flicker else {}))

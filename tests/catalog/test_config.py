@@ -86,6 +86,33 @@ def test_listing_applies_include_and_exclude(tmp_path):
     assert all(e.size == 3 and e.identity for e in location.list())
 
 
+def test_globs_ignore_case_unless_told_otherwise(tmp_path):
+    """Cameras write IMG_0001.JPG, scanners .TIF: the production template's lower-case globs take every spelling."""
+    names = ["a.jpg", "b.JPG", "c.JPEG", "d.Jpeg", "e.PNG", "f.TIF", "g.TIFF", "h.WEBP", "i.HEIC", "j.heif", "k.txt",
+             "raw/.hidden.JPG"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    s3_template = load_config(REPO / "configs/s3_catalog.yaml").input
+    assert s3_template.case_sensitive is False
+    location = Location(str(tmp_path), {})
+    listed = [e.relative for e in location.list(s3_template.include, s3_template.exclude, case_sensitive=False)]
+    assert listed == [name for name in names if not name.endswith((".txt", ".JPG")) or name == "b.JPG"]
+    exact = [e.relative for e in location.list(s3_template.include, s3_template.exclude, case_sensitive=True)]
+    assert exact == ["a.jpg", "j.heif"]
+    assert validate_config(job_config("in", "out")).input.case_sensitive is False  # the default
+
+
+def test_the_example_catalog_belongs_to_the_configs_own_folder(tmp_path):
+    default = REPO / "configs/local.yaml"
+    assert load_config(default).input.example_catalog is True
+    assert load_config(default, ["upscale.steps=4"]).input.example_catalog is True
+    assert load_config(default, ["input.uri=./data/catalog"]).input.example_catalog is True  # the same folder
+    assert load_config(default, [f"input.uri={tmp_path}/my-photoz"]).input.example_catalog is False
+    asked = load_config(default, [f"input.uri={tmp_path}/demo", "input.example_catalog=videos"])
+    assert asked.input.example_catalog == "videos"
+
+
 def test_output_inside_input_is_refused_unless_excluded(tmp_path):
     inside = validate_config(job_config(str(tmp_path), str(tmp_path / "upscaled")))
     with pytest.raises(ConfigError, match="inside input.uri"):

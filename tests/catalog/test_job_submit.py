@@ -20,6 +20,9 @@ import s3fs
 from support.catalog import REPO, manifests, outputs, small_catalog
 from support.net import free_port, wait_for_url
 
+from pipeline.example_catalog import lay_out_example_catalog
+from pipeline.storage import Location
+
 pytestmark = pytest.mark.slow
 
 CANARY_KEY_ID = f"AKIACANARY{uuid.uuid4().hex[:10].upper()}"
@@ -78,6 +81,7 @@ def job_info(head: dict, submission_id: str):
 
 def test_submit_runs_the_embedded_default_from_an_uploaded_working_dir(ray_head, tmp_path):
     catalog, upscaled = tmp_path / "catalog", tmp_path / "upscaled"
+    lay_out_example_catalog(Location(str(catalog), {}))  # examples appear by themselves only in ./data/catalog
     printed = submit(ray_head, "embedded-default", "--set", "model.path=bicubic", "--set", f"input.uri={catalog}",
                      "--set", f"output.uri={upscaled}")
     assert "Job 'embedded-default' succeeded" in printed, printed
@@ -86,7 +90,7 @@ def test_submit_runs_the_embedded_default_from_an_uploaded_working_dir(ray_head,
     status = ray_cli(ray_head, "job", "status", "--address", ray_head["address"], "embedded-default")
     assert "Job 'embedded-default' succeeded" in status.stdout + status.stderr
 
-    rows = manifests(upscaled)  # the input was absent: the embedded default laid out its example catalog
+    rows = manifests(upscaled)
     assert len(rows) == 5 and set(rows.status) == {"ok"} and (rows.out_width == 4 * rows.width).all()
     assert sorted(outputs(upscaled)) == sorted(rows.output_key)
     run = upscaled / "_manifests" / f"run={rows.run_id.iloc[0]}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,8 +37,30 @@ def test_one_json_line_per_finished_input_and_a_progress_line(ray_local, tmp_pat
     assert (ok["status"], ok["output_key"], ok["tile_steps"]) == ("ok", "album0/photo 0.png", 1)
     assert ok["seconds"] > 0 and ok["worker"] and ok["run_id"] == by_key["broken.png"]["run_id"]
     progress = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "progress:" in r.getMessage()]
-    assert progress and progress[-1].startswith("progress: 3 done, 1 failed, 0 remaining of 4 — ")
-    assert progress[-1].endswith("tile-steps/s")
+    assert progress and progress[-1].startswith("progress: 3 done, 1 failed, 0 remaining of 4 inputs — ")
+    assert "items/min — " in progress[-1] and progress[-1].endswith("tile-steps/s — ETA 0 s")
+
+
+def test_clip_progress_counts_frames_as_the_actors_finish_them(ray_local, tmp_path, caplog):
+    """A 12-frame sequence in one segment, 2 frames per engine call of 0.25 s each: the progress line moves while
+    the segment runs, in frames, with frames per minute and an ETA, and ends with the clip as one input done."""
+    from pipeline.example_catalog import REEL_FRAMES, lay_out_example_videos
+    from pipeline.storage import Location
+
+    lay_out_example_videos(Location(str(tmp_path / "in"), {}))
+    config = job_config(str(tmp_path / "in"), str(tmp_path / "out"), model={"path": "support.engines:slow"},
+                        video={"sequence_folders": ["reels/*"], "segment_seconds": 60.0, "frames_per_call": 2},
+                        run={"progress_interval_s": 0.2}, input={"include": ["reels/**"]})
+    caplog.set_level(logging.INFO, logger="pipeline")
+    assert run_job(validate_config(config)) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+    mid_segment = [line for line in lines if (match := re.search(
+        rf"0 done, 0 failed, 1 remaining of 1 inputs — (\d+) of {REEL_FRAMES} frames", line))
+        and 0 < int(match[1]) < REEL_FRAMES]
+    assert mid_segment, lines
+    assert all(re.search(r"frames/min — .* — ETA \d+ (s|min)$", line) for line in mid_segment), mid_segment
+    assert lines[-1].startswith(f"progress: 1 done, 0 failed, 0 remaining of 1 inputs — {REEL_FRAMES} of "
+                                f"{REEL_FRAMES} frames — ") and lines[-1].endswith("ETA 0 s"), lines
 
 
 # A driver that joins the session's Ray, runs the job once per config given, and waits for a line on stdin after

@@ -1,20 +1,24 @@
 """Input errors are errors: a missing folder or bucket, an unreadable bucket or refused credentials end the job
-with exit 1 and one line naming the URI and the cause, before planning and before any model loads; an existing
-but empty input is a success with 0 inputs. The job command's exit codes. (An absent input where
-input.example_catalog is set gets the example catalog: test_job_submit.py runs the embedded default that way.)"""
+with exit 1 and one line naming the URI and the cause, before planning and before Ray or any model loads; an
+existing but empty input is a success with 0 inputs. The job command's exit codes and its last lines. (An absent
+input where input.example_catalog is set gets the example catalog, in the config's own folder only: the README's
+first run, tests/test_readme.py.)"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 
 import boto3
 import pytest
-from support.catalog import Job, job_config, session_ray_address, small_catalog, write_catalog
+import yaml
+from support.catalog import JOB, REPO, Job, job_config, session_ray_address, small_catalog, write_catalog
 
 from pipeline.config import validate_config
 from pipeline.preflight import PreflightError
-from pipeline.run import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_OK, run_job
+from pipeline.run import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_OK, file_url, run_job
 
 
 def refused(config: dict) -> str:
@@ -32,16 +36,41 @@ def test_a_mistyped_config_or_input_folder_exits_1_with_one_line_and_does_nothin
     env = {"RAY_ADDRESS": session_ray_address()}
     bad = Job({"input": {"uri": "x"}, "output": {"uri": "y"}, "upscale": {"scael": 2}}, tmp_path / "bad.yaml", env=env)
     assert bad.finish() == EXIT_JOB_FAILED, bad.log
-    assert f"error: invalid config {tmp_path / 'bad.yaml'}:\n  upscale.scael: unknown key\n" in bad.log
+    assert f"upscale_catalog: error: invalid config {tmp_path / 'bad.yaml'}:\n  upscale.scael: unknown key\n" in bad.log
     assert "Traceback" not in bad.log
 
     missing = tmp_path / "photos-typo"
     typo = Job(job_config(str(missing), str(tmp_path / "out")), tmp_path / "typo.yaml", env=env)
     assert typo.finish() == EXIT_JOB_FAILED, typo.log
-    errors = [line for line in typo.lines if line.startswith("error:")]
-    assert errors == [f"error: input.uri {missing}: no such folder ({missing})\n"], typo.log
+    errors = [line for line in typo.lines if "error:" in line]
+    assert errors == [f"upscale_catalog: error: input.uri {missing}: no such folder ({missing})\n"], typo.log
     assert "Traceback" not in typo.log and "progress" not in typo.log
     assert not (tmp_path / "out").exists()  # no lock, no manifest: nothing written
+
+
+def test_a_mistyped_input_folder_on_the_embedded_default_is_an_error_not_a_demo(tmp_path):
+    """configs/local.yaml lays out example photos in its own ./data/catalog; `--set input.uri=` names the user's
+    own folder, so a typo there ends the job with one line, creating nothing. Checked before Ray or torch load."""
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    missing = tmp_path / "my-photoz"
+    job = Job(config, tmp_path / "local.yaml", "--set", f"input.uri={missing}",
+              "--set", f"output.uri={tmp_path / 'out'}")
+    assert job.finish() == EXIT_JOB_FAILED, job.log
+    assert job.lines == [f"upscale_catalog: error: input.uri {missing}: no such folder ({missing})\n"], job.log
+    assert not missing.exists() and not (tmp_path / "out").exists()
+
+
+def test_errors_are_reported_before_ray_or_torch_is_imported(tmp_path):
+    """The typo path of the job command imports neither (python -X importtime lists every module it imports)."""
+    for args, expected in ((["--set", "upscale.scael=2"], "upscale.scael: unknown key"),
+                           (["--set", f"input.uri={tmp_path / 'nope'}"], "no such folder")):
+        result = subprocess.run([sys.executable, "-X", "importtime", str(JOB), *args], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == EXIT_JOB_FAILED and expected in result.stderr, result.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "pipeline.config" in imported
+        assert not {"torch", "ray", "diffusers"} & imported, sorted({"torch", "ray", "diffusers"} & imported)
 
 
 @pytest.mark.slow
@@ -52,7 +81,15 @@ def test_the_job_exits_3_when_an_input_failed_and_0_once_nothing_is_left(ray_loc
     first = Job(config, tmp_path / "job.yaml", env=env)
     assert first.finish() == EXIT_INPUTS_FAILED, first.log
     assert "1 ok, 1 failed" in first.log and "failed empty_file: 1" in first.log
-    assert "progress: 1 done, 1 failed, 0 remaining of 2" in first.log and "items/min" in first.log
+    assert "progress: 1 done, 1 failed, 0 remaining of 2 inputs" in first.log and "items/min" in first.log
+    out = tmp_path / "out"
+    (run,) = out.glob("_manifests/run=*/_report.html")
+    assert first.lines[-4:] == [  # the last lines say where everything is and what the exit code means
+        f"outputs:   {out}/\n", f"report:    {file_url(str(run))}\n",
+        f"manifests: {out}/_manifests/*/*.parquet (this run: run_id = '{run.parent.name[4:]}'; one row per run: "
+        f"{out}/_manifests/_index/runs/*.parquet)\n",
+        "exit 3: some inputs failed, the others are done; their manifest rows say why (a re-run retries only them)\n"]
+    assert not [line for line in first.lines if "Running Dataset" in line or "core_worker" in line]
     (tmp_path / "in" / "empty.png").unlink()  # failed inputs are retried on the next run; this one is gone
     second = Job(config, tmp_path / "job.yaml", env=env)
     assert second.finish() == EXIT_OK, second.log
