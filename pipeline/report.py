@@ -1,12 +1,13 @@
 """The run report: ``_report.html`` beside the run's manifests (``<output.uri>/_manifests/run=<id>/``).
 
 One self-contained page — inline CSS, an inline SVG plot, thumbnails as data URIs and one line of inline script
-per slider; nothing is fetched — that an operator opens from the bucket or disk: totals, throughput over time,
-failures by type with a few examples each, and before/after sliders for a sample of image outputs (a crop of
-the output at 1:1 against the same region of the source, enlarged without smoothing).
+per slider; nothing is fetched — that an operator opens from the bucket or disk: totals, throughput over the
+run's whole wall time, failures by type with a few examples each, before/after sliders for a sample of photos (a
+crop of the output at 1:1 against the same region of the source, enlarged without smoothing), and for a sample of
+videos and frame sequences their first, middle and last frames the same way, with frames in and out, frames per
+minute and the flicker figure of their manifest rows.
 
-Rows are grouped by ``status`` and ``error_type`` only, so any unit of work (an image, a video segment) counts;
-before/after pairs are made for image outputs alone.
+Rows are grouped by ``status`` and ``error_type`` only, so any unit of work (an image, a video segment) counts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import html
 import io
 import json
 import logging
+import re
 import statistics
 from collections import Counter, defaultdict
 from typing import Any
@@ -26,6 +28,7 @@ from PIL import Image
 
 from . import media
 from .config import JobConfig
+from .media import video
 from .manifest import MANIFEST_DIR
 from .plan import locations
 from .storage import Location
@@ -33,7 +36,8 @@ from .storage import Location
 log = logging.getLogger("pipeline")
 
 REPORT_NAME = "_report.html"
-PAIRS = 6  # before/after sliders per report
+PAIRS = 6  # photos with a before/after slider per report
+CLIPS = 4  # videos and frame sequences with first/middle/last frame sliders
 CROP = 224  # output pixels shown 1:1 in a slider (each side)
 CONTEXT = 112  # longest side of the whole-output thumbnail beside each slider
 EXAMPLES = 3  # failure examples per error type
@@ -50,9 +54,11 @@ def write_report(cfg: JobConfig, summary: dict[str, Any], rows: list[dict[str, A
     committed already, so a report that cannot be made is logged and skipped."""
     try:
         source, output = locations(cfg)
-        pairs = [pair for row in sample_pairs(rows) if (pair := _pair(source, output, row, cfg)) is not None]
+        pairs = [pair for row in sample_pairs(rows) if (pair := _photo_pair(source, output, row, cfg)) is not None]
+        clips = [{**clip, "seconds": clip_seconds(rows, row)} for row in sample_clips(rows)
+                 if (clip := _clip_frames(source, output, row, cfg)) is not None]
         key = report_key(summary["run_id"])
-        output.write_atomic(key, render(summary, rows, pairs, cfg).encode())
+        output.write_atomic(key, render(summary, rows, pairs, cfg, clips).encode())
         return output.url(key)
     except Exception:  # noqa: BLE001
         log.warning("could not write the run report", exc_info=True)
@@ -69,9 +75,30 @@ def sample_pairs(rows: list[dict[str, Any]], count: int = PAIRS) -> list[dict[st
     return [images[round(i * (len(images) - 1) / (count - 1))] for i in range(count)]
 
 
+def sample_clips(rows: list[dict[str, Any]], count: int = CLIPS) -> list[dict[str, Any]]:
+    """Up to ``count`` finished videos and frame sequences, spread evenly over their sorted keys."""
+    clips = sorted((row for row in rows if row["status"] == "ok" and row.get("unit") in CLIP_UNITS),
+                   key=lambda row: row["source_key"])
+    if len(clips) <= count:
+        return clips
+    return [clips[round(i * (len(clips) - 1) / (count - 1))] for i in range(count)]
+
+
+def clip_seconds(rows: list[dict[str, Any]], clip: dict[str, Any]) -> float | None:
+    """A clip's wall time in this run: from its first segment's start to the clip's commit (None when all its
+    segments were done by earlier runs)."""
+    starts = [row["started_at"] for row in rows if row.get("unit") == "segment"
+              and row["source_key"] == clip["source_key"] and row.get("started_at")]
+    return (clip["finished_at"] - min(starts)).total_seconds() if starts and clip.get("finished_at") else None
+
+
 def _rgb(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """Decoded like the pipeline decodes it (orientation applied), alpha flattened onto white."""
-    pixels = media.to_float_rgb(media.decode_image(data, name, max_pixels).pixels)
+    return _to_image(media.decode_image(data, name, max_pixels).pixels)
+
+
+def _to_image(decoded: np.ndarray) -> Image.Image:
+    pixels = media.to_float_rgb(decoded)
     if pixels.shape[2] == 4:
         pixels = pixels[:, :, :3] * pixels[:, :, 3:] + (1 - pixels[:, :, 3:])
     return Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
@@ -83,13 +110,65 @@ def _data_uri(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _pair(source: Location, output: Location, row: dict[str, Any], cfg: JobConfig) -> dict[str, Any] | None:
+def _photo_pair(source: Location, output: Location, row: dict[str, Any], cfg: JobConfig) -> dict[str, Any] | None:
     try:
         before = _rgb(source.read(row["source_key"]), row["source_key"], cfg.limits.max_input_pixels)
         after = _rgb(output.read(row["output_key"]), row["output_key"], cfg.limits.max_output_pixels)
     except Exception as exc:  # noqa: BLE001 - e.g. the source changed since: that pair is left out
         log.info("report: no before/after for %s: %s", row["source_key"], exc)
         return None
+    return {"row": row, **_pair(before, after)}
+
+
+def _video_frames(location: Location, key: str, wanted: list[float], deinterlace: str = "auto",
+                  rate: str = "frame") -> list[Image.Image]:
+    """The frames at the given fractions of a video (0: first, 0.5: middle, 1: last), decoded as the pipeline
+    decodes them (one-frame segments: only the packets from the keyframe before each are read)."""
+    with location.fs.open(location.path(key), "rb", block_size=1 << 20) as handle:
+        index = video.index_video(handle, key)
+        segments = video.plan_segments(index, 1, deinterlace=deinterlace, rate=rate)
+        frames = []
+        for fraction in wanted:
+            segment = segments[round(fraction * (len(segments) - 1))]
+            frames.append(_to_image(next(iter(video.decode_segment(
+                video.extract_segment(handle, segment, key), segment, key)))))
+    return frames
+
+
+def sequence_frame_keys(location: Location, pattern: str) -> list[str]:
+    """The frames of a sequence key (``reels/coffee/frame_%04d.png``) present under ``location``, in order."""
+    folder, _, name = pattern.rpartition("/")
+    prefix, _, rest = name.partition("%")
+    digits, _, suffix = rest.partition("d")
+    number = rf"\d{{{int(digits)}}}" if digits else r"\d+"
+    matches = re.compile(re.escape(prefix) + f"({number})" + re.escape(suffix) + "$")
+    found = [(int(match[1]), entry.relative) for entry in location.list(include=[f"{folder}/*" if folder else "*"])
+             if (match := matches.match(entry.relative.rpartition("/")[2]))]
+    return [key for _, key in sorted(found)]
+
+
+def _clip_frames(source: Location, output: Location, row: dict[str, Any], cfg: JobConfig) -> dict[str, Any] | None:
+    """First, middle and last frame of a finished clip, before and after."""
+    wanted = (0.0, 0.5, 1.0)
+    try:
+        if row["unit"] == "video":
+            before = _video_frames(source, row["source_key"], list(wanted), cfg.video.deinterlace,
+                                   cfg.video.deinterlace_rate)
+            after = _video_frames(output, row["output_key"], list(wanted))
+        else:
+            keys = sequence_frame_keys(source, row["source_key"])
+            picked = [keys[round(fraction * (len(keys) - 1))] for fraction in wanted]
+            before = [_rgb(source.read(key), key, cfg.limits.max_input_pixels) for key in picked]
+            after = [_rgb(output.read(key), key, cfg.limits.max_output_pixels) for key in picked]
+    except Exception as exc:  # noqa: BLE001 - e.g. the source changed since: that clip is left out
+        log.info("report: no frames for %s: %s", row["source_key"], exc)
+        return None
+    labels = ("first frame", "middle frame", "last frame")
+    return {"row": row, "frames": [{"label": label, **_pair(b, a)} for label, b, a in zip(labels, before, after)]}
+
+
+def _pair(before: Image.Image, after: Image.Image) -> dict[str, Any]:
+    """A slider's images: the centre crop of the output at 1:1 and the same region of the source, enlarged."""
     width, height = min(CROP, after.width), min(CROP, after.height)
     left, top = (after.width - width) // 2, (after.height - height) // 2
     sx, sy = before.width / after.width, before.height / after.height
@@ -97,7 +176,7 @@ def _pair(source: Location, output: Location, row: dict[str, Any], cfg: JobConfi
     context = after.copy()
     context.thumbnail((CONTEXT, CONTEXT), Image.Resampling.LANCZOS)
     return {
-        "row": row, "width": width, "height": height,
+        "width": width, "height": height,
         "before": _data_uri(before.resize((width, height), Image.Resampling.NEAREST, box=region)),
         "after": _data_uri(after.crop((left, top, left + width, top + height))),
         "context": _data_uri(context),
@@ -113,16 +192,19 @@ def _processed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and row.get("unit") not in CLIP_UNITS]
 
 
-def _throughput_svg(rows: list[dict[str, Any]]) -> str:
-    """Bars of units finished per minute over the run (failed stacked on the rest), as inline SVG."""
+def _throughput_svg(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """Bars of units finished per minute over the run's whole wall time, from its start to its end (planning and
+    finishing included; failed stacked on the rest), as inline SVG."""
     done = _processed(rows)
     if not done:
         return "<p class=muted>Nothing was processed in this run.</p>"
     starts = [row["started_at"] for row in done if row.get("started_at")]
     t0 = min(starts + [row["finished_at"] for row in done])
+    if summary.get("started_at"):
+        t0 = min(t0, dt.datetime.fromisoformat(summary["started_at"]))
     offsets = [((row["finished_at"] - t0).total_seconds(), "failed" if row["status"] == "failed" else "ok")
                for row in done]
-    span = max(1.0, max(offset for offset, _ in offsets))
+    span = max(1.0, summary.get("seconds") or 0.0, max(offset for offset, _ in offsets))
     count = max(1, min(BUCKETS, len(done)))
     width = span / count
     bars: list[Counter] = [Counter() for _ in range(count)]
@@ -178,29 +260,65 @@ def _failures(rows: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+def _slider(pair: dict[str, Any], caption: str) -> str:
+    left, top, width, height = pair["box"]
+    return (
+        f'<figure class=pair><div class=compare style="--pos:50%">'
+        f'<div class=frame style="width:{pair["width"]}px;height:{pair["height"]}px">'
+        f'<img class=after src="{pair["after"]}" width={pair["width"]} height={pair["height"]} alt="after">'
+        f'<img class=before src="{pair["before"]}" width={pair["width"]} height={pair["height"]} alt="before">'
+        '<span class="tag l">before</span><span class="tag r">after</span></div>'
+        '<input type=range min=0 max=100 value=50 aria-label="before / after" '
+        'oninput="this.parentNode.style.setProperty(\'--pos\', this.value + \'%\')"></div>'
+        f'<span class=context><img src="{pair["context"]}" alt="whole output">'
+        f'<i style="left:{left:.1f}%;top:{top:.1f}%;width:{width:.1f}%;height:{height:.1f}%"></i></span>'
+        f'<figcaption>{caption}</figcaption></figure>')
+
+
+def _keys(row: dict[str, Any]) -> str:
+    """What was upscaled into what: the source's key and the output's (a photo may change format)."""
+    source, output = row["source_key"], row.get("output_key") or row["source_key"]
+    return (f'<code class=source>{html.escape(source)}</code>' if source == output else
+            f'<code class=source>{html.escape(source)}</code> → <code class=output>{html.escape(output)}</code>')
+
+
+def _size(row: dict[str, Any]) -> str:
+    return (f"{row['width']}×{row['height']} → {row['out_width']}×{row['out_height']}"
+            if row.get("width") and row.get("out_width") else "")
+
+
 def _pairs_html(pairs: list[dict[str, Any]]) -> str:
     if not pairs:
-        return "<p class=muted>No image outputs in this run.</p>"
+        return "<p class=muted>No photos were upscaled in this run.</p>"
     out = []
     for pair in pairs:
         row = pair["row"]
-        left, top, width, height = pair["box"]
-        details = [f"{row['width']}×{row['height']} → {row['out_width']}×{row['out_height']}"
-                   if row.get("width") and row.get("out_width") else "",
-                   f"{row['seconds']:.1f} s" if row.get("seconds") is not None else ""]
-        out.append(
-            f'<figure class=pair><div class=compare style="--pos:50%">'
-            f'<div class=frame style="width:{pair["width"]}px;height:{pair["height"]}px">'
-            f'<img class=after src="{pair["after"]}" width={pair["width"]} height={pair["height"]} alt="after">'
-            f'<img class=before src="{pair["before"]}" width={pair["width"]} height={pair["height"]} alt="before">'
-            '<span class="tag l">before</span><span class="tag r">after</span></div>'
-            '<input type=range min=0 max=100 value=50 aria-label="before / after" '
-            'oninput="this.parentNode.style.setProperty(\'--pos\', this.value + \'%\')"></div>'
-            f'<span class=context><img src="{pair["context"]}" alt="whole output">'
-            f'<i style="left:{left:.1f}%;top:{top:.1f}%;width:{width:.1f}%;height:{height:.1f}%"></i></span>'
-            f'<figcaption><code>{html.escape(row["output_key"])}</code><br>{" · ".join(filter(None, details))}'
-            '</figcaption></figure>')
+        details = [_size(row), f"{row['seconds']:.1f} s" if row.get("seconds") is not None else ""]
+        out.append(_slider(pair, f'{_keys(row)}<br>{" · ".join(filter(None, details))}'))
     return "".join(out)
+
+
+def _clips_html(clips: list[dict[str, Any]]) -> str:
+    if not clips:
+        return "<p class=muted>No videos or frame sequences were finished in this run.</p>"
+    out = []
+    for clip in clips:
+        row, seconds = clip["row"], clip.get("seconds")
+        facts = [
+            ("kind", row["unit"]),
+            ("frames in", row.get("frames_in")), ("frames out", row.get("frames_out")),
+            ("size", _size(row) or None),
+            ("frames / min", f"{row['frames_out'] / seconds * 60:.1f}" if seconds and row.get("frames_out") else None),
+            ("flicker", f"{row['flicker']:.2f}" if row.get("flicker") is not None else None),
+            ("codec", row.get("codec")),
+        ]
+        table = "".join(f"<tr><th>{name}</th><td class=num data-fact=\"{name}\">{html.escape(str(value))}</td></tr>"
+                        for name, value in facts if value is not None)
+        extra = f'<p class=muted>{html.escape(row["processing"])}</p>' if row.get("processing") else ""
+        out.append(f'<section class=clip><h3>{_keys(row)}</h3><table class=facts>{table}</table>{extra}'
+                   + "".join(_slider(frame, frame["label"]) for frame in clip["frames"]) + "</section>")
+    return ("<p class=muted>Flicker: the mean change between consecutive output frames over the same for the "
+            "bicubic-upscaled input (1.0: no more change than the input).</p>" + "".join(out))
 
 
 _STYLE = """
@@ -226,19 +344,25 @@ figcaption{grid-column:1/3;font-size:12px}
 .context{position:relative;align-self:start;line-height:0}
 .context i{position:absolute;border:1px solid #ff0;outline:1px solid #0008}
 details pre{font-size:12px;background:#f5f7f9;padding:8px;overflow:auto}
+.clip{border-top:1px solid #e4e8ec;padding-top:8px}.clip h3{font-size:14px;margin:4px 0 8px}
+table.facts{width:auto;margin:0 0 10px}table.facts th{font-weight:normal;color:#6b7480}
 """
 
 
 def render(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
-           cfg: JobConfig) -> str:
+           cfg: JobConfig, clips: list[dict[str, Any]] | None = None) -> str:
     seconds = [row["seconds"] for row in _processed(rows) if row.get("seconds") is not None]
-    timing = (f"median {statistics.median(seconds):.2f} s, slowest {max(seconds):.2f} s per input"
+    timing = (f"median {statistics.median(seconds):.2f} s, slowest {max(seconds):.2f} s per unit of work"
               if seconds else "")
-    cards = "".join(
-        f'<div class="card {css}"><b>{html.escape(str(value))}</b>{label}</div>' for css, value, label in (
-            ("", summary["inputs"], "inputs"), ("ok", summary["ok"], "ok"), ("failed", summary["failed"], "failed"),
-            ("", summary["skipped"], "skipped (already done)"), ("", f"{summary['seconds']:.1f} s", "wall time"),
-            ("", summary.get("items_per_min") or 0, "inputs / min")))
+    finished_clips = [row for row in rows if row.get("unit") in CLIP_UNITS and row["status"] == "ok"]
+    cards = [("", summary["inputs"], "inputs"), ("ok", summary["ok"], "ok"), ("failed", summary["failed"], "failed"),
+             ("", summary["skipped"], "skipped (already done)"), ("", f"{summary['seconds']:.1f} s", "wall time"),
+             ("", summary.get("items_per_min") or 0, "inputs / min")]
+    if finished_clips:
+        cards += [("", sum(row.get("frames_out") or 0 for row in finished_clips), "frames (videos, sequences)"),
+                  ("", summary.get("frames_per_min") or 0, "frames / min")]
+    cards_html = "".join(f'<div class="card {css}"><b>{html.escape(str(value))}</b>{label}</div>'
+                         for css, value, label in cards)
     settings = json.dumps(summary.get("settings", {}), indent=2, sort_keys=True, default=str)
     written = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return f"""<!doctype html>
@@ -248,16 +372,18 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[dict
 <h1>Run {html.escape(summary['run_id'])}</h1>
 <div class=muted>{html.escape(cfg.input.uri)} → {html.escape(cfg.output.uri)} · config
 <code>{html.escape(summary['config_fingerprint'])}</code> · report written {written}</div>
-<div class=cards>{cards}</div>
+<div class=cards>{cards_html}</div>
 <div class=muted>{timing}</div>
-<h2>Throughput over time</h2>
-{_throughput_svg(rows)}
+<h2>Throughput over the run</h2>
+{_throughput_svg(rows, summary)}
 <h2>Failures by type</h2>
 {_failures(rows)}
-<h2>Before / after</h2>
+<h2>Photos: before / after</h2>
 <p class=muted>A crop of each output at full resolution against the same region of its source, enlarged without
 smoothing; drag the slider. The small picture shows where the crop lies.</p>
 {_pairs_html(pairs)}
+<h2>Videos and frame sequences</h2>
+{_clips_html(clips or [])}
 <details><summary>Settings (what the config fingerprint covers)</summary><pre>{html.escape(settings)}</pre></details>
 </body></html>
 """
