@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 
 import jsonschema
@@ -200,14 +201,102 @@ def _dockerfile() -> str:
     return (INFRA / "Dockerfile").read_text()
 
 
+def _entrypoints() -> list[str]:
+    return [doc["spec"].get("entrypoint") or doc["spec"]["jobTemplate"]["entrypoint"]
+            for doc in all_documents() if doc["kind"] in ("RayJob", "RayCronJob")]
+
+
+def _job_command(entrypoint: str) -> list[str]:
+    """The catalog job's command inside the entrypoint's `sh -c '<job>; <exit code mapping>'`."""
+    shell, flag, script = shlex.split(entrypoint)
+    assert (shell, flag) == ("sh", "-c")
+    return shlex.split(script.split(";", 1)[0])
+
+
+@pytest.mark.parametrize(("job_exit", "ray_job_exit"), [(0, 0), (1, 1), (3, 0), (4, 0), (137, 137)])
+def test_a_rayjob_retries_only_job_failures(tmp_path, job_exit, ray_job_exit):
+    """The RayJob's backoffLimit retries a failed Ray job on a new cluster: only a job failure (1, or a kill) may
+    fail it; 3 (inputs failed: they would fail again) and 4 (the lock is held) end it as succeeded. The
+    entrypoint runs as written, with a stand-in `python` that exits as the job would."""
+    (tmp_path / "python").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\nexit {job_exit}\n")
+    (tmp_path / "python").chmod(0o755)
+    for entrypoint in _entrypoints():
+        result = subprocess.run(["sh", "-c", entrypoint], env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == ray_job_exit, result.stdout + result.stderr
+        assert (tmp_path / "args").read_text().split() == _job_command(entrypoint)[1:]
+        assert ("is not retried" in result.stdout) == (job_exit in (3, 4))
+
+
+def test_every_service_account_the_pods_run_as_is_created_and_applied_first():
+    named = set()
+    for doc in all_documents():
+        if doc["kind"].startswith("Ray"):
+            spec = doc["spec"].get("jobTemplate", doc["spec"])
+            cluster = spec.get("rayClusterSpec", spec)
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                named.add(group["template"]["spec"]["serviceAccountName"])
+    created = {doc["metadata"]["name"] for doc in all_documents() if doc["kind"] == "ServiceAccount"}
+    assert named == {"dit4sr-catalog"} and named <= created
+    (account,) = documents("serviceaccount.yaml")
+    assert account["kind"] == "ServiceAccount" and account["metadata"]["name"] == "dit4sr-catalog"
+    readme = (REPO / "README.md").read_text()
+    first_apply = readme.index("kubectl apply -f infra/serviceaccount.yaml")
+    assert first_apply < readme.index("kubectl create configmap") < readme.index("kubectl create -f infra/kuberay-")
+
+
+def test_heads_read_the_buckets_and_every_ray_container_serves_metrics():
+    """The submitted driver runs on the head: it needs the credentials Secret like the workers, and Prometheus
+    scrapes ray_dit4sr_* on every node's metrics port."""
+    for doc in all_documents():
+        if not doc["kind"].startswith("Ray"):
+            continue
+        spec = doc["spec"].get("jobTemplate", doc["spec"])
+        cluster = spec.get("rayClusterSpec", spec)
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            (container,) = group["template"]["spec"]["containers"]
+            assert {"secretRef": {"name": "dit4sr-catalog-credentials", "optional": True}} in container["envFrom"]
+            assert {"containerPort": 8080, "name": "metrics"} in container["ports"], (doc["kind"], container["name"])
+
+
+def test_the_image_is_installed_not_editable_and_nothing_reports_usage_statistics():
+    assert not re.search(r"pip install[^\n]* -e ", _dockerfile())
+    assert re.search(r"^ENV .*RAY_USAGE_STATS_ENABLED=0", _dockerfile(), re.M)
+    launcher = yaml.safe_load((INFRA / "cluster-launcher.yaml").read_text())
+    starts = [command for key in ("head_start_ray_commands", "worker_start_ray_commands") for command in launcher[key]
+              if command.startswith("ray start")]
+    assert len(starts) == 2 and all("--disable-usage-stats" in command for command in starts)
+
+
+def test_the_readmes_image_step_names_the_image_in_every_manifest(tmp_path):
+    """The README's build/push step and its substitution, run on a copy of infra/: every manifest then names the
+    pushed image and still matches the CRDs and the Kubernetes API."""
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r'^docker build -f infra/Dockerfile -t "\$IMAGE" \. && docker push "\$IMAGE"$', readme, re.M)
+    (substitute,) = [line.split("  #")[0].strip() for line in readme.splitlines() if line.startswith("sed -i ")]
+    shutil.copytree(INFRA, tmp_path / "infra")
+    image = "registry.example.com/team/dit4sr-catalog:1a2b3c4"
+    subprocess.run(["bash", "-c", substitute], cwd=tmp_path, env={"IMAGE": image, "PATH": "/usr/bin:/bin"},
+                   check=True, timeout=60)
+    docs = [doc for path in sorted((tmp_path / "infra").glob("*.yaml")) if path.name != "cluster-launcher.yaml"
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+    assert IMAGE_PARAMETER not in "".join(path.read_text() for path in (tmp_path / "infra").glob("*.yaml"))
+    ours = {value for value in _images(docs) if "dit4sr-catalog" in value}
+    assert ours == {image}
+    version = kubernetes_validate.latest_version()
+    for doc in docs:
+        if doc["apiVersion"].startswith("ray.io/"):
+            assert crd_errors(doc) == []
+        else:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
 def test_entrypoints_configs_and_files_named_in_infra_exist():
     workdir = re.search(r"^WORKDIR (\S+)$", _dockerfile(), re.M)[1]
-    entrypoints = [doc["spec"].get("entrypoint") or doc["spec"]["jobTemplate"]["entrypoint"]
-                   for doc in all_documents() if doc["kind"] in ("RayJob", "RayCronJob")]
     from pipeline.config import load_config
 
-    for entrypoint in entrypoints:
-        python, script, flag, config = shlex.split(entrypoint)
+    for entrypoint in _entrypoints():
+        python, script, flag, config = _job_command(entrypoint)
         assert (python, flag) == ("python", "--config")
         for path in (script, config):
             assert path.startswith(workdir + "/"), f"{path} is not under the image's WORKDIR {workdir}"
