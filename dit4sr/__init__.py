@@ -14,6 +14,9 @@ __version__ = "0.1.0"
 
 # public name -> the submodule that defines it
 _EXPORTS = {
+    "ImageCaptioner": "captioning",
+    "OFFICIAL_CAPTION_QUESTION": "captioning",
+    "remove_focus_sentences": "captioning",
     "Degradation": "degradation",
     "DegradationConfig": "degradation",
     "DiT4SRTransformer2DModel": "models",
@@ -35,6 +38,7 @@ _EXPORTS = {
 __all__ = [
     "BUNDLED_MODEL",
     "OFFICIAL_ADDED_PROMPT",
+    "OFFICIAL_CAPTION_QUESTION",
     "OFFICIAL_NEGATIVE_PROMPT",
     "OFFICIAL_SETTINGS",
     "SAMPLER_VERSION",
@@ -42,10 +46,12 @@ __all__ = [
     "DegradationConfig",
     "DiT4SRPipeline",
     "DiT4SRPipelineOutput",
+    "ImageCaptioner",
     "PromptEmbedding",
     "PromptEmbeddingCache",
     "PromptEncoder",
     "compose_prompt",
+    "remove_focus_sentences",
     "DiT4SRTransformer2DModel",
     "DiT4SRTransformerOutput",
     "PixelUnshuffleAutoencoder",
@@ -53,6 +59,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .captioning import OFFICIAL_CAPTION_QUESTION, ImageCaptioner, remove_focus_sentences
     from .degradation import Degradation, DegradationConfig
     from .models import DiT4SRTransformer2DModel, DiT4SRTransformerOutput, PixelUnshuffleAutoencoder
     from .pipeline_dit4sr import (

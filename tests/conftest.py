@@ -84,6 +84,17 @@ def tiny_text_model_root(tmp_path_factory) -> pathlib.Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_caption_model_root(tmp_path_factory) -> pathlib.Path:
+    """A random tiny LLaVA in the Hugging Face layout (support.tiny_components.save_tiny_caption_model): loads with
+    AutoProcessor + AutoModelForImageTextToText, answers in a few words, no hub."""
+    from support.tiny_components import save_tiny_caption_model
+
+    root = tmp_path_factory.mktemp("models") / "tiny-llava"
+    save_tiny_caption_model(root)
+    return root
+
+
 @pytest.fixture
 def few_torch_threads():
     """Two torch threads: the test machine is shared."""

@@ -119,3 +119,49 @@ def save_model_root(pipe: DiT4SRPipeline, root, recommended=None, text_encoders=
     if recommended is not None:
         (root / "recommended_settings.json").write_text(json.dumps(recommended))
     save_null_prompt_embedding(str(root), pipe.null_prompt_embedding)
+
+
+# -- a tiny vision-language model for captions (dit4sr.captioning) ---------------------------------------------------
+CAPTION_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", ".", "a", "the", "cat", "dog", "sits",
+                 "on", "red", "blue", "mat", "sharp", "photo", "of", "focus", "is", "blurred", "background", "tree",
+                 "house", "near", "bright", "green", "boat", "sky", "river", "small", "old"]
+CAPTION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }}{% endif %}{% endfor %} {% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def save_tiny_caption_model(root, seed: int = 5) -> None:
+    """A random LLaVA (tiny CLIP vision tower + tiny Llama) with a word-level tokenizer and a chat template, saved in
+    the Hugging Face layout ``AutoProcessor`` / ``AutoModelForImageTextToText`` load. Weights are drawn wide
+    (initializer range 1), so different images get different answers, and "." "focus" "blurred" are favoured, so
+    answers have sentences and the focus/blur filter work (seed 5: six non-empty, distinct captions for
+    support.catalog.small_catalog; most answers lose a sentence to the filter)."""
+    from tokenizers import decoders
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocabulary = {word: index for index, word in enumerate(CAPTION_WORDS)}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece()  # words joined by spaces, no space before punctuation
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=16, initializer_range=1.0)
+    text = LlamaConfig(vocab_size=len(CAPTION_WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2,
+                       eos_token_id=3, pad_token_id=0, initializer_range=1.0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocabulary["<image>"],
+                         initializer_range=1.0)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[[vocabulary[word] for word in (".", "focus", "blurred")]] *= 1.5
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
+        tokenizer=tokenizer, chat_template=CAPTION_CHAT_TEMPLATE, patch_size=14,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model.save_pretrained(root)
+    processor.save_pretrained(root)
