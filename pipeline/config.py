@@ -60,6 +60,21 @@ class ModelConfig(_Section):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
+class CaptionConfig(_Section):
+    """Each input's caption as its prompt, as the paper runs DiT4SR "with LLaVA" (dit4sr.captioning)."""
+
+    # A Hugging Face image-text-to-text model folder (local path or fsspec URL; e.g. llava-hf/llava-1.5-13b-hf as
+    # downloaded). None: no captions.
+    model: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    question: str | None = None  # None: the official DiT4SR question (dit4sr.OFFICIAL_CAPTION_QUESTION)
+    max_new_tokens: int = Field(512, ge=1)
+    # Drop the answer's sentences about focus, bokeh, blur, depth... (the official remove_focus_sentences).
+    filter_focus_sentences: bool = True
+    # auto: bfloat16 where caption actors get GPUs, float32 on the CPU. Part of the fingerprint (it can change words).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
 class UpscaleConfig(_Section):
     scale: int = Field(4, ge=1, le=8)
     # None means "the model's recommended setting"; resolved before fingerprinting.
@@ -70,8 +85,17 @@ class UpscaleConfig(_Section):
     tile_overlap: int | None = Field(None, ge=0)
     color_fix: Literal["adain", "wavelet", "none"] | None = None
     prompt: str = ""
-    # Optional Parquet/CSV table with columns `source` (path relative to input.uri) and `prompt`.
+    # Optional Parquet/CSV table with columns `source` (path relative to input.uri) and `prompt`. With captions on,
+    # a source listed there takes its prompt from the table and is not captioned.
     prompts_uri: str | None = None
+    caption: CaptionConfig = Field(default_factory=CaptionConfig)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> "UpscaleConfig":
+        if self.caption.model and self.prompt:
+            raise ValueError("prompt and caption.model exclude each other: a fixed prompt needs no captions "
+                             "(leave prompt empty to caption each input)")
+        return self
 
 
 class LimitsConfig(_Section):
@@ -159,6 +183,15 @@ class ActorsConfig(_Section):
         return self
 
 
+class CaptionComputeConfig(_Section):
+    """The captioning and prompt-encoding stages' actors (one pool each, these resources per actor)."""
+
+    actors: ActorsConfig = Field(default_factory=ActorsConfig)
+    gpus_per_actor: float | None = Field(None, ge=0)  # None: 1 where the upscaling actors get GPUs, else 0
+    cpus_per_actor: float = Field(1, ge=0)
+    batch_size: int = Field(4, ge=1)
+
+
 class ComputeConfig(_Section):
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
     gpus_per_actor: float = Field(0, ge=0)
@@ -168,6 +201,14 @@ class ComputeConfig(_Section):
     # torch.compile of the DiT4SR transformer's blocks, once per actor (dit4sr.compile). auto: on when actors get
     # GPUs and run on CUDA, off on the CPU. Compiled outputs differ from eager by rounding: part of the fingerprint.
     compile: Literal["auto", "on", "off"] = "auto"
+    caption: CaptionComputeConfig = Field(default_factory=CaptionComputeConfig)
+
+    @property
+    def caption_gpus(self) -> float:
+        """GPUs per captioning/prompt-encoding actor, ``caption.gpus_per_actor`` resolved."""
+        if self.caption.gpus_per_actor is not None:
+            return self.caption.gpus_per_actor
+        return 1.0 if self.gpus_per_actor > 0 else 0.0
 
     @field_validator("compile", mode="before")
     @classmethod

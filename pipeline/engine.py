@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib
 import json
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
@@ -58,17 +59,22 @@ def _output_settings(cfg: JobConfig) -> dict[str, Any]:
 
 
 def resolve_settings(cfg: JobConfig) -> dict[str, Any]:
-    """Everything that changes output bytes, with model defaults resolved (the fingerprint's input)."""
+    """Everything that changes output bytes, with model defaults resolved (the fingerprint's input). With
+    ``upscale.caption`` on, the caption settings (``caption``) are part of it: they decide each input's prompt."""
+    from .captions import caption_settings
+
     kind = engine_kind(cfg.model.path)
     if kind == "bicubic":
-        if cfg.upscale.prompt or cfg.upscale.prompts_uri:
-            raise ConfigError("upscale.prompt / prompts_uri: the bicubic engine takes no prompt")
+        if cfg.upscale.prompt or cfg.upscale.prompts_uri or cfg.upscale.caption.model:
+            raise ConfigError("upscale.prompt / prompts_uri / caption.model: the bicubic engine takes no prompt")
         return {"engine": BICUBIC_VERSION, **_output_settings(cfg)}
+    caption = caption_settings(cfg)  # a caption model that cannot work fails the job here, before any input
     if kind == "plugin":
         factory = _import(cfg.model.path)
         return {"engine": cfg.model.path, "version": getattr(factory, "version", None),
-                "seed": cfg.upscale.seed, "prompt": cfg.upscale.prompt, **_output_settings(cfg)}
-    return _dit4sr_settings(cfg)
+                "seed": cfg.upscale.seed, "prompt": cfg.upscale.prompt, **_output_settings(cfg),
+                **({"caption": caption} if caption else {})}
+    return {**_dit4sr_settings(cfg), **({"caption": caption} if caption else {})}
 
 
 def _import(path: str) -> Any:
@@ -151,25 +157,32 @@ def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
         **({"compile": COMPILE_SCHEME} if compile_enabled(cfg) else {}),
     }
     has_text_encoders = all(index.get(name) and index[name][0] for name in TEXT_COMPONENTS)
-    wanted = texts_to_encode(settings, [upscale.prompt or ("<per-source prompt>" if upscale.prompts_uri else "")])
+    prompts = upscale.prompt or ("<per-source prompt>" if upscale.prompts_uri else "") \
+        or ("<caption>" if upscale.caption.model else "")
+    wanted = [text for text in (prompt_text(settings, prompts), negative_text(settings)) if text]
     if wanted and not has_text_encoders:
         raise ConfigError(
-            f"model {cfg.model.path!r} has no text encoders, so it cannot encode {sorted(wanted.values())[0]!r}: "
-            "leave upscale.prompt and prompts_uri empty, and keep guidance_scale <= 1 unless the model ships "
-            "text encoders")
+            f"model {cfg.model.path!r} has no text encoders, so it cannot encode {wanted[0]!r}: leave "
+            "upscale.prompt, prompts_uri and caption.model unset, and keep guidance_scale <= 1 unless the model "
+            "ships text encoders")
     return settings
 
 
-def texts_to_encode(settings: dict[str, Any], prompts: list[str]) -> dict[str, str]:
-    """Texts that need a text encoder: each row prompt composed as the pipeline does it, plus the negative prompt
-    when guidance is on (key ``NEGATIVE``). Empty texts use the model's stored null-prompt embedding."""
+def prompt_text(settings: dict[str, Any], prompt: str) -> str:
+    """The exact text a prompt conditions the model with (the manifest's ``prompt``): DiT4SR appends its
+    ``added_prompt`` to non-empty prompts; other engines take the prompt as it is."""
+    if settings["engine"] != "dit4sr":
+        return prompt
     from dit4sr import compose_prompt
 
-    texts = {prompt: compose_prompt(prompt, settings["added_prompt"]) for prompt in prompts}
-    texts = {prompt: text for prompt, text in texts.items() if text}
-    if settings["guidance_scale"] > 1 and settings["negative_prompt"]:
-        texts[NEGATIVE] = settings["negative_prompt"]
-    return texts
+    return compose_prompt(prompt, settings["added_prompt"])
+
+
+def negative_text(settings: dict[str, Any]) -> str | None:
+    """DiT4SR's negative prompt where guidance uses it (its embedding is keyed ``NEGATIVE``), else None."""
+    if settings["engine"] != "dit4sr" or settings["guidance_scale"] <= 1:
+        return None
+    return settings["negative_prompt"] or None
 
 
 def output_size_error(spec: RunSpec, width: int, height: int) -> str | None:
@@ -235,9 +248,11 @@ SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "start_point", "tile_si
 
 
 class DiT4SREngine:
-    """One ``DiT4SRPipeline`` per actor, without text encoders: prompts arrive as embeddings."""
+    """One ``DiT4SRPipeline`` per actor, without text encoders: prompts arrive as embeddings, looked up by their
+    exact text in ``prompt_embeds`` (any mapping; pipeline.captions.PromptEmbeddings fetches them as needed); the
+    empty prompt is the model's stored null prompt."""
 
-    def __init__(self, spec: RunSpec, *, device: str, prompt_embeds: dict[str, Any]):
+    def __init__(self, spec: RunSpec, *, device: str, prompt_embeds: Mapping[str, Any]):
         import torch
 
         import dit4sr
@@ -265,7 +280,9 @@ class DiT4SREngine:
         return self.upscale_frames([image], seeds=[seed], prompt=prompt)[0]
 
     def upscale_frames(self, frames: list[np.ndarray], *, seeds: list[int], prompt: str) -> list[np.ndarray]:
-        embedding = self.prompt_embeds.get(prompt)
+        embedding = self.prompt_embeds.get(prompt) if prompt else None
+        if prompt and embedding is None:  # never fall back to the null prompt silently
+            raise RuntimeError(f"no embedding reached this actor for the prompt {prompt[:80]!r}")
         embeds = {} if embedding is None else {"prompt_embeds": embedding.prompt_embeds,
                                                "pooled_prompt_embeds": embedding.pooled_prompt_embeds}
         result = self.pipe(frames, upscale=self.settings["scale"], seed=seeds, output_type="np",
@@ -284,7 +301,7 @@ def engine_run_settings(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for key, values in seen.items()}
 
 
-def load_engine(spec: RunSpec, *, device: str, prompt_embeds: dict[str, Any] | None = None) -> Engine:
+def load_engine(spec: RunSpec, *, device: str, prompt_embeds: Mapping[str, Any] | None = None) -> Engine:
     kind = engine_kind(spec.model_path)
     if kind == "bicubic":
         return BicubicEngine(spec.settings)

@@ -87,6 +87,11 @@ SCHEMA = pa.schema([
     ("reference_motion", pa.float64()),  # the bicubic input's mean |frame_t - frame_t-1| (the denominator)
     ("processing", pa.string()),  # videos: what was done besides upscaling (deinterlacing, timestamps rebased)
     ("movie_key", pa.string()),  # sequences with video.sequence_fps: the movie made of their frames
+    ("prompt", pa.string()),  # the exact text the model was prompted with (DiT4SR: added_prompt appended)
+    ("caption", pa.string()),  # upscale.caption: the input's (or clip's) caption, filtered, before added_prompt
+    ("caption_model", pa.string()),  # upscale.caption.model that wrote it
+    ("caption_fingerprint", pa.string()),  # hash of the caption settings: a caption is reused while it matches
+    ("caption_run_id", pa.string()),  # the run that generated the caption (earlier runs' are reused, not redone)
 ])
 COLUMNS = SCHEMA.names
 
@@ -248,6 +253,9 @@ def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, finger
     segments = Counter(row["status"] for row in rows if row.get("unit") == "segment")
     statuses = Counter(row["status"] for row in inputs)
     processed = statuses.get("ok", 0) + statuses.get("failed", 0)
+    # upscale.caption: captions this run generated, and those it took from earlier runs (the unit state)
+    captioned = [row.get("caption_run_id") for row in inputs if row.get("caption_run_id")]
+    captions = {"captions": {"generated": captioned.count(run_id), "reused": len(captioned) - captioned.count(run_id)}}
     return {
         "run_id": run_id,
         "config_fingerprint": fingerprint,
@@ -261,6 +269,7 @@ def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, finger
         "items_per_min": round(processed / seconds * 60, 2) if seconds > 0 else None,
         "frames_per_min": round(sum(row.get("frames_out") or 0 for row in inputs if row["status"] == "ok")
                                 / seconds * 60, 2) if seconds > 0 else None,
+        **(captions if captioned else {}),
         **(extra or {}),
     }
 

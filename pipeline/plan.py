@@ -34,7 +34,7 @@ from PIL import Image
 
 from . import manifest, media, sequence_movie, state, video_index
 from .config import ConfigError, JobConfig, fingerprint
-from .engine import output_size_error, tiles_per_frame
+from .engine import output_size_error, prompt_text, tiles_per_frame
 from .media import video
 from .media.video import mezzanine
 from .preflight import check_output_outside_input, locations  # noqa: F401 - also used from here
@@ -45,6 +45,7 @@ log = logging.getLogger("pipeline")
 
 STAGING_DIR = "_staging"  # staged segment files, under the output; removed once their clip is committed
 SEQUENCE_FRAMES_PER_SECOND = 24  # frame sequences carry no timing: segment_seconds counts frames at this rate
+CAPTION_FIELDS = ("prompt", "caption", "caption_model", "caption_fingerprint", "caption_run_id")
 _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<suffix>\.[^./]+)$")
 
 
@@ -60,6 +61,7 @@ class Clip:
     frame_outputs: list[str] = field(default_factory=list)  # sequences: every frame's output key
     staged_sources: list[str] = field(default_factory=list)  # decoded-once segments' frames: removed with the clip
     movie_key: str | None = None  # sequences with video.sequence_fps: the movie made of the frames (sequence_movie)
+    caption_task: bytes | None = None  # the first segment's task: where the clip's caption frame is (captions)
 
     @property
     def complete(self) -> bool:
@@ -193,20 +195,48 @@ class _Planner:
 
     # Rows -------------------------------------------------------------------------------------------------
     def row(self, key: str, unit: str, size: int, identity: str, **values: Any) -> dict[str, Any]:
-        # A per-source prompt changes that source's output only, so it goes into that row's fingerprint.
-        prompt = self.prompts.get(key, self.cfg.upscale.prompt) if "prompt" in self.spec.settings else ""
+        prompt = self.source_prompt(key)
         row = manifest.empty_row(
             run_id=self.spec.run_id, source_uri=self.source.url(key), source_key=key, source_size=size,
-            source_etag_or_mtime=identity, prompt=prompt, unit=unit, unit_key=key,
-            config_fingerprint=self.unit_fingerprint(unit, prompt))
+            source_etag_or_mtime=identity, prompt=None if prompt is None else prompt_text(self.spec.settings, prompt),
+            unit=unit, unit_key=key, config_fingerprint=self.unit_fingerprint(unit, prompt))
         row.update(values)
+        if prompt is None:  # to be captioned, unless an earlier run's caption still holds
+            row.update(caption_model=self.spec.caption["model"], caption_fingerprint=self.spec.caption_fingerprint)
+            self.reuse_caption(row, self.previous.get(key))
         return row
 
+    def source_prompt(self, key: str) -> str | None:
+        """The source's prompt as configured: its entry in prompts_uri, else the fixed prompt; None where it is
+        to be captioned (upscale.caption)."""
+        if "prompt" not in self.spec.settings:
+            return ""
+        if key in self.prompts:
+            return self.prompts[key]
+        return None if self.spec.caption else self.cfg.upscale.prompt
+
+    def reuse_caption(self, row: dict[str, Any], done: dict[str, Any] | None) -> bool:
+        """Give ``row`` the caption of an earlier row of its unit made from the same source with the same caption
+        settings (the unit state keeps each unit's latest done row)."""
+        if done is None or done.get("caption") is None or done.get("caption_fingerprint") != \
+                self.spec.caption_fingerprint or (done["source_size"], done["source_etag_or_mtime"]) != \
+                (row["source_size"], row["source_etag_or_mtime"]):
+            return False
+        from .captions import set_caption
+
+        set_caption(row, done["caption"], self.spec, done["caption_run_id"])
+        return True
+
     @functools.cache  # noqa: B019 - one planner per run; a few distinct prompts, a million rows
-    def unit_fingerprint(self, unit: str, prompt: str) -> str:
+    def unit_fingerprint(self, unit: str, prompt: str | None) -> str:
+        """A per-source prompt changes that source's output only, so it goes into that row's fingerprint; a
+        captioned row's (``prompt`` None) has the caption settings instead, which decide its caption."""
         settings = self.spec.settings
-        image_fingerprint = fingerprint({**settings, "prompt": prompt}) if "prompt" in settings \
-            else self.spec.fingerprint
+        if prompt is None or "prompt" not in settings:
+            image_fingerprint = self.spec.fingerprint
+        else:
+            uncaptioned = {key: value for key, value in settings.items() if key != "caption"}
+            image_fingerprint = fingerprint({**uncaptioned, "prompt": prompt})
         return self.spec.unit_fingerprint(unit, image_fingerprint)
 
     def reject(self, row: dict[str, Any], error_type: str, message: str) -> None:
@@ -392,7 +422,7 @@ class _Planner:
             "kind": "sequence", "frames": frame_keys[start:start + per_segment]})
             for start in range(0, len(frame_keys), per_segment)]
         for segment in segments:  # frames do not depend on the movie's settings
-            segment["config_fingerprint"] = self.unit_fingerprint("sequence_frames", row["prompt"])
+            segment["config_fingerprint"] = self.unit_fingerprint("sequence_frames", self.source_prompt(sequence.key))
         self.add_clip(row, segments, frame_outputs=frame_keys, movie_key=movie)
 
     # Clips ----------------------------------------------------------------------------------------------------
@@ -423,7 +453,12 @@ class _Planner:
                                     and key[:key.rindex("/") + 1] not in listed]
 
     def add_clip(self, row: dict[str, Any], segments: list[dict[str, Any]], **facts: Any) -> None:
-        clip = Clip(row=row, segment_keys=[s["unit_key"] for s in segments], staged={}, **facts)
+        # The clip's caption, where a segment done earlier has it (e.g. one of a killed run).
+        if row["prompt"] is None and any(self.reuse_caption(row, self.previous.get(s["unit_key"])) for s in segments):
+            for segment in segments:
+                segment.update({name: row[name] for name in CAPTION_FIELDS})
+        clip = Clip(row=row, segment_keys=[s["unit_key"] for s in segments], staged={},
+                    caption_task=segments[0]["task"], **facts)
         for segment in segments:
             # Sequence segments write frames straight to their final keys; video segments one staged file.
             done = self.done_before(segment, outputs=pickle.loads(segment["task"]).get("frames"))

@@ -41,6 +41,7 @@ CLIPS = 4  # videos and frame sequences with first/middle/last frame sliders
 CROP = 224  # output pixels shown 1:1 in a slider (each side)
 CONTEXT = 112  # longest side of the whole-output thumbnail beside each slider
 EXAMPLES = 3  # failure examples per error type
+PROMPTS = 500  # outputs listed with their prompts
 BUCKETS = 40  # bars in the throughput plot, at most
 CLIP_UNITS = ("video", "sequence")  # rows of whole clips, finished from their segments' rows
 
@@ -294,7 +295,33 @@ def _pairs_html(pairs: list[dict[str, Any]]) -> str:
     for pair in pairs:
         row = pair["row"]
         details = [_size(row), f"{row['seconds']:.1f} s" if row.get("seconds") is not None else ""]
-        out.append(_slider(pair, f'{_keys(row)}<br>{" · ".join(filter(None, details))}'))
+        out.append(_slider(pair, f'{_keys(row)}<br>{" · ".join(filter(None, details))}{_prompt_line(row)}'))
+    return "".join(out)
+
+
+def _prompt_line(row: dict[str, Any]) -> str:
+    if not row.get("prompt"):
+        return ""
+    source = f" (caption by <code>{html.escape(row['caption_model'])}</code>)" if row.get("caption_model") else ""
+    return f"<br><span class=prompt>prompt{source}: {html.escape(row['prompt'])}</span>"
+
+
+def _prompts_html(rows: list[dict[str, Any]]) -> str:
+    """Each output of the run with the prompt it was made with (photos and whole clips; at most ``PROMPTS``), or
+    nothing where every output had the null prompt."""
+    prompted = sorted((row for row in rows if row["status"] == "ok" and row.get("unit") != "segment"
+                       and row.get("prompt")), key=lambda row: row["source_key"])
+    if not prompted:
+        return ""  # all with the null prompt: nothing to show
+    out = ["<h2>Prompts</h2><table><thead><tr><th>output</th><th>prompt</th></tr></thead><tbody>"]
+    for row in prompted[:PROMPTS]:
+        caption = (f"<br><span class=muted>caption by <code>{html.escape(row['caption_model'])}</code></span>"
+                   if row.get("caption_model") else "")
+        out.append(f"<tr><td>{_keys(row)}</td><td>{html.escape(row['prompt'])}{caption}</td></tr>")
+    out.append("</tbody></table>")
+    if len(prompted) > PROMPTS:
+        out.append(f"<p class=muted>and {len(prompted) - PROMPTS} more: the manifests' <code>prompt</code> "
+                   "column has every one.</p>")
     return "".join(out)
 
 
@@ -344,6 +371,7 @@ figcaption{grid-column:1/3;font-size:12px}
 .context{position:relative;align-self:start;line-height:0}
 .context i{position:absolute;border:1px solid #ff0;outline:1px solid #0008}
 details pre{font-size:12px;background:#f5f7f9;padding:8px;overflow:auto}
+.prompt{display:inline-block;max-width:560px;color:#4a525c}
 .clip{border-top:1px solid #e4e8ec;padding-top:8px}.clip h3{font-size:14px;margin:4px 0 8px}
 table.facts{width:auto;margin:0 0 10px}table.facts th{font-weight:normal;color:#6b7480}
 """
@@ -384,6 +412,7 @@ smoothing; drag the slider. The small picture shows where the crop lies.</p>
 {_pairs_html(pairs)}
 <h2>Videos and frame sequences</h2>
 {_clips_html(clips or [])}
+{_prompts_html(rows)}
 <details><summary>Settings (what the config fingerprint covers)</summary><pre>{html.escape(settings)}</pre></details>
 </body></html>
 """

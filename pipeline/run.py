@@ -17,9 +17,9 @@ from typing import Any
 
 import ray
 
-from . import manifest, preflight, report, state
+from . import captions, manifest, preflight, report, state
 from .config import JobConfig
-from .engine import engine_kind, engine_run_settings, model_root, resolve_settings, texts_to_encode
+from .engine import engine_run_settings, resolve_settings
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .lease import RunLease, RunLocked
 from .metrics import RunMetrics
@@ -36,7 +36,9 @@ log = logging.getLogger("pipeline")
 
 def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
                   frame_counter: Any = None) -> ray.data.Dataset:
-    """The streaming Ray Data plan; every stage returns manifest-shaped rows, failures included.
+    """The streaming Ray Data plan; every stage returns manifest-shaped rows, failures included. ``prompt_embeds``:
+    object refs of the embeddings of texts several units share (``captions.shared_prompt_embeddings``); captions
+    and the other texts' embeddings are made in the stream (``captions.add_prompt_stages``).
 
     Fault tolerance is Ray Data's own: task stages retry on worker loss and pool actors restart with their
     in-flight batch resubmitted (max_restarts / max_task_retries default to -1). Redoing a batch is safe
@@ -53,7 +55,8 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
         read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
         batch_size=batch_size,
         num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
-    upscaled = fetched.map_batches(
+    prompted = captions.add_prompt_stages(fetched, plan, cfg, prompt_embeds)
+    upscaled = prompted.map_batches(
         Upscaler,
         fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds, "frame_counter": frame_counter},
         compute=ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max),
@@ -62,29 +65,6 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
     return upscaled.map_batches(
         write_outputs, fn_kwargs={"output_location": output, "run_id": plan.run_id}, batch_format="pyarrow",
         batch_size=batch_size, num_cpus=0.5)
-
-
-def _encode_prompts(root: str, storage_options: dict[str, Any], texts: list[str]) -> Any:
-    from dit4sr import PromptEncoder
-
-    with PromptEncoder.from_pretrained(root, storage_options=storage_options) as encoder:
-        embeddings = encoder.encode(texts)
-    return embeddings[0] if len(embeddings) == 1 else tuple(embeddings)  # one object per text (num_returns)
-
-
-def prompt_embeddings(cfg: JobConfig, plan: Plan) -> dict[str, ray.ObjectRef]:
-    """Text encoders run once per distinct text, in one Ray task (on a GPU where actors get GPUs) — never in the
-    upscaling actors, which receive the embeddings as object refs. Empty prompts need none (the model's stored
-    null-prompt embedding)."""
-    if engine_kind(cfg.model.path) != "dit4sr":
-        return {}
-    texts = texts_to_encode(plan.settings, sorted({row["prompt"] for row in plan.todo}))
-    if not texts:
-        return {}
-    encode = ray.remote(_encode_prompts).options(
-        num_cpus=1, num_gpus=1 if cfg.compute.gpus_per_actor else 0, num_returns=len(texts))
-    refs = encode.remote(model_root(cfg).uri, cfg.model.storage_options, list(texts.values()))
-    return dict(zip(texts, refs if len(texts) > 1 else [refs]))
 
 
 def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
@@ -105,6 +85,7 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
     """Run the plan on Ray Data, finish its clips, commit the manifests and the run summary; returns the summary."""
     _, output = locations(cfg)
     started, started_at = time.monotonic(), manifest.utcnow()
+    captions.caption_clips(plan, cfg)  # one caption per clip, before its segments stream (may reject a clip)
     rows = list(plan.rejected)
     manifest.write_part(output, plan.run_id, rows)
     remove_staged(output, plan.stale_staging)
@@ -120,7 +101,7 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
 
         count_finished_clips()
         if plan.todo:
-            dataset = build_dataset(plan, cfg, prompt_embeddings(cfg, plan), counter)
+            dataset = build_dataset(plan, cfg, captions.shared_prompt_embeddings(plan, cfg), counter)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 done = batch.to_pylist()
                 rows.extend(done)
@@ -214,6 +195,7 @@ def _dry_run(plan: Plan, cfg: JobConfig) -> int:
     print(f"dry run: {units} to process, {len(plan.skipped)} to skip, {len(plan.rejected)} rejected; "
           f"estimated cost {cost['tiles']} tiles x {steps} steps = {cost['tile_steps']} tile-steps"
           + (f"; {len(plan.clips)} clips in {segments} segments to do" if plan.clips else "")
-          + (f" ({cost['unknown']} inputs with unreadable headers not counted)" if cost["unknown"] else ""),
+          + (f" ({cost['unknown']} inputs with unreadable headers not counted)" if cost["unknown"] else "")
+          + (f"; {captions.to_generate(plan)} captions to generate" if plan.spec.caption else ""),
           flush=True)
     return EXIT_OK

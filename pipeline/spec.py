@@ -76,6 +76,8 @@ class RunSpec:
     base_seed: int  # per-unit seeds derive from it (engines without a seed setting still record theirs)
     frames_per_call: int
     measure_flicker: bool
+    caption_storage_options: tuple[tuple[str, Any], ...] = ()  # upscale.caption.storage_options
+    caption_threads: int = 1  # torch threads of a captioning or prompt-encoding actor (compute.caption.cpus_per_actor)
 
     @classmethod
     def resolve(cls, cfg: JobConfig, settings: dict[str, Any], run_id: str) -> "RunSpec":
@@ -87,7 +89,9 @@ class RunSpec:
             model_storage_options=_frozen(cfg.model.storage_options), device=cfg.model.device,
             torch_threads=cfg.compute.torch_threads or max(1, int(cfg.compute.cpus_per_actor)),
             max_input_pixels=cfg.limits.max_input_pixels, max_output_pixels=cfg.limits.max_output_pixels,
-            base_seed=cfg.upscale.seed, frames_per_call=video.frames_per_call, measure_flicker=video.measure_flicker)
+            base_seed=cfg.upscale.seed, frames_per_call=video.frames_per_call, measure_flicker=video.measure_flicker,
+            caption_storage_options=_frozen(cfg.upscale.caption.storage_options),
+            caption_threads=max(1, int(cfg.compute.caption.cpus_per_actor)))
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -96,6 +100,16 @@ class RunSpec:
     @property
     def storage_options(self) -> dict[str, Any]:
         return dict(self.model_storage_options)
+
+    @property
+    def caption(self) -> dict[str, Any] | None:
+        """The resolved caption settings (``upscale.caption``; pipeline.captions), None when captions are off."""
+        return self.settings.get("caption")
+
+    @property
+    def caption_fingerprint(self) -> str | None:
+        """What a caption depends on besides the input: a caption stored with this fingerprint is reused."""
+        return fingerprint(self.caption) if self.caption else None
 
     @property
     def compile(self) -> bool:

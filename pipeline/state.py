@@ -61,7 +61,8 @@ RUNS_SCHEMA = pa.schema([
 # What planning needs of a unit's latest row (plan.py: done_before, and finishing clips from staged segments).
 PLAN_COLUMNS = ["source_key", "unit_key", "source_size", "source_etag_or_mtime", "output_key", "output_size",
                 "output_etag_or_mtime", "config_fingerprint", "finished_at", "status", "width", "height",
-                "out_width", "out_height", "frames_out", "flicker", "flicker_pairs", "reference_motion"]
+                "out_width", "out_height", "frames_out", "flicker", "flicker_pairs", "reference_motion",
+                "caption", "caption_fingerprint", "caption_run_id"]
 _DONE = pc.field("status").isin(["ok", "staged"])
 
 
@@ -72,12 +73,22 @@ def read_state(output: Location, columns: list[str] | None = None) -> tuple[pa.T
         with output.fs.open(output.path(STATE_KEY), "rb") as handle:
             parquet = pq.ParquetFile(handle)
             folded = set(json.loads((parquet.schema_arrow.metadata or {}).get(_FOLDED, b"[]")))
-            return parquet.read(columns=columns), folded
+            present = [name for name in columns or manifest.COLUMNS if name in parquet.schema_arrow.names]
+            return _conform(parquet.read(columns=present), columns or manifest.COLUMNS), folded
 
     try:
         return with_retries(read)  # pyarrow reads through fsspec without our retry layer
     except FileNotFoundError:
         return manifest.SCHEMA.empty_table().select(columns or manifest.COLUMNS), set()
+
+
+def _conform(table: pa.Table, columns: list[str]) -> pa.Table:
+    """``table`` with exactly ``columns``: columns added to the manifest after the state was written are null."""
+    for name in columns:
+        if name not in table.column_names:
+            table = table.append_column(manifest.SCHEMA.field(name), pa.nulls(table.num_rows,
+                                                                              manifest.SCHEMA.field(name).type))
+    return table.select(columns)
 
 
 def _with_unit_keys(table: pa.Table) -> pa.Table:

@@ -17,7 +17,9 @@ import itertools
 import json
 import os
 import pickle
-from typing import Any, Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +36,13 @@ from .storage import Location, UnsafeKeyError
 # What the engine chose for itself (JSON of ``engine.run_settings``, e.g. its tile batch): it rides back to the
 # driver for the run summary, never into manifests.
 ENGINE_SETTINGS = pa.field("engine_settings", pa.string())
-# Columns of the rows between stages: the manifest's, the unit's task (pickled by the planner), the prompt,
-# and the payload: `data` (one file) or `frames` (a sequence segment's frame files).
-STAGE_SCHEMA = manifest.SCHEMA.append(pa.field("task", pa.binary())).append(pa.field("prompt", pa.string())) \
-    .append(pa.field("data", pa.binary())).append(pa.field("frames", pa.list_(pa.binary()))).append(ENGINE_SETTINGS)
+EMBEDDING_COLUMN = "prompt_embedding"  # a row's own prompt embedding (safetensors bytes), encoded in the stream
+RECENT_TEXTS = 64  # embeddings an encoding or upscaling actor keeps for texts it may meet again
+# Columns of the rows between stages: the manifest's, the unit's task (pickled by the planner), the payload:
+# `data` (one file) or `frames` (a sequence segment's frame files), and the prompt's embedding (pipeline.captions).
+STAGE_SCHEMA = manifest.SCHEMA.append(pa.field("task", pa.binary())).append(pa.field("data", pa.binary())) \
+    .append(pa.field("frames", pa.list_(pa.binary()))).append(ENGINE_SETTINGS) \
+    .append(pa.field(EMBEDDING_COLUMN, pa.binary()))
 
 
 def _rows(batch: pa.Table) -> list[dict[str, Any]]:
@@ -137,6 +142,42 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
+class PromptEmbeddings(Mapping[str, Any]):
+    """An upscaling actor's view of the run's prompt embeddings, by exact text: the unit at hand's own (``use``;
+    encoded in the stream) and shared ones (pipeline.captions.shared_prompt_embeddings), fetched from Ray's object
+    store when first needed (the most recent kept)."""
+
+    def __init__(self, shared: Mapping[str, Any]):
+        self.shared = dict(shared)
+        self.fetched: OrderedDict[str, Any] = OrderedDict()
+        self.own: dict[str, Any] = {}
+
+    def use(self, row: dict[str, Any]) -> None:
+        """The embedding that came with ``row`` (if any) serves its prompt until the next row."""
+        from dit4sr import PromptEmbedding
+
+        data = row.get(EMBEDDING_COLUMN)
+        self.own = {row["prompt"]: PromptEmbedding.from_bytes(data)} if data else {}
+
+    def __getitem__(self, text: str) -> Any:
+        if text in self.own:
+            return self.own[text]
+        if text not in self.fetched:
+            import ray
+
+            self.fetched[text] = ray.get(self.shared[text])  # KeyError: no embedding for this text
+            while len(self.fetched) > RECENT_TEXTS:
+                self.fetched.popitem(last=False)
+        self.fetched.move_to_end(text)
+        return self.fetched[text]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self.shared, **self.own})
+
+    def __len__(self) -> int:
+        return len({**self.shared, **self.own})
+
+
 class Upscaler:
     """Actor: loads the engine once in ``__init__`` and keeps it; ``__call__`` handles one batch of units, each by
     its kind: a photo, a video segment, or a frame-sequence segment."""
@@ -146,9 +187,10 @@ class Upscaler:
 
         self.spec, self.frame_counter = spec, frame_counter  # a progress.FrameCounter where the run has clips
         device = spec.device or ("cuda" if ray.get_gpu_ids() else "cpu")
-        # Prompt embeddings arrive as object refs (computed once per distinct prompt, outside the actors).
-        embeds = {prompt: ray.get(ref) for prompt, ref in (prompt_embeds or {}).items()}
-        self.engine: Engine = load_engine(spec, device=device, prompt_embeds=embeds)
+        # Prompt embeddings come with their rows, or as object refs of texts several units share (each encoded
+        # once per run, outside the actors: pipeline.captions).
+        self.prompt_embeds = PromptEmbeddings(prompt_embeds or {})
+        self.engine: Engine = load_engine(spec, device=device, prompt_embeds=self.prompt_embeds)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.worker = f"{self.node_id[:12]}/{os.getpid()}"
 
@@ -163,6 +205,10 @@ class Upscaler:
 
     def _upscale(self, row: dict[str, Any]) -> dict[str, Any]:
         row.update(worker=self.worker, node_id=self.node_id)
+        if row["prompt"] is None:  # captions on, and none reached this unit: never upscale it with the null prompt
+            return _fail(row, "caption_failed", "no caption reached this unit")
+        self.prompt_embeds.use(row)
+        row[EMBEDDING_COLUMN] = None  # needed here only
         if row["unit"] == "image":
             return self._image(row)
         task = _task(row)
@@ -185,7 +231,7 @@ class Upscaler:
                          ) -> list[np.ndarray] | None:
         """The engine's frames, or None after marking the row failed (engine error or a wrong output size)."""
         try:
-            upscaled = upscale_frames(self.engine, frames, seeds=seeds, prompt=row["prompt"] or "")
+            upscaled = upscale_frames(self.engine, frames, seeds=seeds, prompt=row["prompt"])
         except Exception as exc:  # noqa: BLE001 - an engine failure on one unit is that unit's failure
             _engine_failure(row, exc)
             return None

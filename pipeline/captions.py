@@ -1,0 +1,290 @@
+"""Prompts on the cluster: each input's caption as its prompt (``upscale.caption``, as the paper runs DiT4SR "with
+LLaVA"; ``dit4sr.captioning``), and the text encoding of every prompt, outside the upscaling actors.
+
+Where each step runs:
+
+* **Planning** resolves the caption settings (``caption_settings``: the model folder is checked from its small
+  files — config.json, chat template — so a wrong path fails the job before any input is read) and takes every
+  caption it can from the unit state: a unit's latest done row keeps its caption, reused while the source's
+  identity (size, ETag/mtime) and the caption fingerprint (model identity, question, token limit, filter, dtype)
+  match — a re-run, a resumed run or a change of any other setting captions nothing. Sources listed in
+  ``upscale.prompts_uri`` take their prompt from there, uncaptioned.
+* **Clips** get one caption, shared by every segment as the clip's seed is: from the **middle frame of the first
+  segment** (decoded as the upscaler decodes it: deinterlaced where the clip is), or of a frame sequence the
+  middle frame file of its first segment. They are captioned before the stream (``caption_clips``: a Ray Data pass,
+  frame reads in CPU tasks, captions on the ``Captioner`` actors), so a clip's segments never wait on each other.
+* **Photos** are captioned in the stream: read → ``Captioner`` (actor pool, ``compute.caption``) → ``PromptEncoding``
+  (actor pool, the model's SD3 text encoders) → upscale → write; the embedding rides with its row.
+* **Texts several units share** (a clip's text, a fixed prompt, a prompt file's repeated texts, the negative prompt)
+  are encoded once before the stream (``shared_prompt_embeddings``: a Ray Data pass on ``PromptEncoding`` actors)
+  into Ray's object store; upscaling actors fetch each as they first need it (``PromptEmbeddings``). So no text is
+  encoded twice in a run but two photos whose captions happen to be equal, on two encoding actors.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+from PIL import Image
+
+from . import media
+from .config import ConfigError, JobConfig
+from .engine import NEGATIVE, engine_kind, negative_text, prompt_text
+from .media import video
+from .plan import CAPTION_FIELDS, Plan, locations
+from .spec import RunSpec
+from .storage import Location
+from .upscaler import EMBEDDING_COLUMN, RECENT_TEXTS, _fail, _read_unit, _table, _task
+
+
+# -- settings --------------------------------------------------------------------------------------------------------
+def caption_settings(cfg: JobConfig) -> dict[str, Any] | None:
+    """The caption settings that decide each caption (part of the config fingerprint), or None when captions are
+    off. Raises ``ConfigError`` (one line) when the model folder cannot be a caption model."""
+    caption = cfg.upscale.caption
+    if not caption.model:
+        return None
+    from dit4sr.captioning import CAPTIONING_VERSION, OFFICIAL_CAPTION_QUESTION, inspect_caption_model
+
+    try:
+        identity = inspect_caption_model(caption.model, caption.storage_options)
+    except (OSError, ValueError) as exc:
+        from .preflight import describe
+
+        cause = str(exc) if isinstance(exc, ValueError) else describe(exc)
+        raise ConfigError(f"upscale.caption.model {caption.model}: {cause}") from None
+    dtype = caption.dtype
+    if dtype == "auto":  # as dit4sr.devices resolves it on the device the actors will have
+        dtype = "bfloat16" if cfg.compute.caption_gpus > 0 else "float32"
+    return {"model": caption.model, "model_identity": identity,
+            "question": caption.question or OFFICIAL_CAPTION_QUESTION, "max_new_tokens": caption.max_new_tokens,
+            "filter_focus_sentences": caption.filter_focus_sentences, "dtype": dtype, "version": CAPTIONING_VERSION}
+
+
+def set_caption(row: dict[str, Any], caption: str, spec: RunSpec, run_id: str | None = None) -> None:
+    """Give ``row`` its caption and the prompt made of it; ``run_id``: the run that generated it (default: this)."""
+    row.update(caption=caption, prompt=prompt_text(spec.settings, caption), caption_model=spec.caption["model"],
+               caption_fingerprint=spec.caption_fingerprint, caption_run_id=run_id or spec.run_id)
+
+
+def _stage_compute(cfg: JobConfig, actors: int | None = None) -> dict[str, Any]:
+    stage = cfg.compute.caption
+    return {"compute": ray.data.ActorPoolStrategy(min_size=min(stage.actors.min, actors or stage.actors.min),
+                                                  max_size=min(stage.actors.max, actors or stage.actors.max)),
+            "num_gpus": cfg.compute.caption_gpus, "num_cpus": stage.cpus_per_actor, "batch_size": stage.batch_size,
+            "batch_format": "pyarrow"}
+
+
+def _actor_device(spec: RunSpec) -> str:
+    """The device of a captioning or prompt-encoding actor (its torch threads set on the way)."""
+    import torch
+
+    torch.set_num_threads(spec.caption_threads)
+    return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+# -- captioning ------------------------------------------------------------------------------------------------------
+class Captioner:
+    """Actor: one caption model (``dit4sr.ImageCaptioner``); captions each row still without a prompt (``prompt`` is
+    null) from its ``data``, an image file: a photo, or a clip's representative frame (``caption_clips``)."""
+
+    def __init__(self, spec: RunSpec):
+        from dit4sr import ImageCaptioner
+
+        settings = spec.caption
+        self.spec = spec
+        self.captioner = ImageCaptioner.from_pretrained(
+            settings["model"], torch_dtype=settings["dtype"], device=_actor_device(spec),
+            storage_options=dict(spec.caption_storage_options), question=settings["question"],
+            max_new_tokens=settings["max_new_tokens"], filter_focus_sentences=settings["filter_focus_sentences"])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            if row["status"] is None and row["prompt"] is None and row["unit"] != "segment":  # clips: caption_clips
+                self._caption(row)
+        return _table(rows, batch.schema)
+
+    def _caption(self, row: dict[str, Any]) -> None:
+        try:
+            decoded = media.decode_image(row["data"], row["source_key"], self.spec.max_input_pixels)
+        except media.MediaError as exc:
+            _fail(row, exc.error_type, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - as the upscaler would classify it
+            _fail(row, "decode_failed", exc)
+            return
+        try:
+            caption = self.captioner.caption(media.to_float_rgb(decoded.pixels))
+        except Exception as exc:  # noqa: BLE001 - one input's captioning failure is that input's alone
+            _fail(row, "caption_failed", exc)
+            return
+        set_caption(row, caption, self.spec)
+
+
+def to_generate(plan: Plan) -> int:
+    """Captions the plan still needs: its photos' and its clips' without one from earlier runs."""
+    return sum(row["prompt"] is None and row["unit"] == "image" for row in plan.todo) + \
+        sum(clip.row["prompt"] is None for clip in plan.clips.values())
+
+
+def needs_captions(rows: list[dict[str, Any]]) -> bool:
+    """Whether any photo among ``rows`` still needs its caption (clips are captioned before the stream)."""
+    return any(row["prompt"] is None and row["unit"] == "image" for row in rows)
+
+
+def read_caption_frames(batch: pa.Table, input_location: Location, output_location: Location) -> pa.Table:
+    """CPU task: each clip's representative frame as an image file in ``data`` — the middle frame of its first
+    segment (a video's decoded as the upscaler decodes it, as 8-bit PNG; a sequence's frame file as it is)."""
+    rows = batch.to_pylist()
+    for row in rows:
+        try:
+            row["data"] = _middle_frame(row, input_location, output_location)
+        except FileNotFoundError as exc:
+            _fail(row, "missing_source", f"source disappeared after listing: {exc}")
+        except media.MediaError as exc:
+            _fail(row, exc.error_type, exc)
+        except Exception as exc:  # noqa: BLE001
+            _fail(row, "read_failed", exc)
+        row["frames"] = None
+    return _table(rows, batch.schema)
+
+
+def _middle_frame(row: dict[str, Any], source: Location, output: Location) -> bytes:
+    task = _task(row)
+    if task["kind"] == "sequence":
+        return source.read(task["frames"][len(task["frames"]) // 2])
+    _read_unit(row, source, output)  # the first segment's packets, as its reader fetches them
+    segment = task["segment"]
+    frames = video.decode_segment(row.pop("data"), segment, row["source_key"])
+    middle = next(frame for number, frame in enumerate(frames) if number == segment.output_frames // 2)
+    frames.close()
+    pixels = np.clip(media.to_float_rgb(middle)[..., :3] * 255 + 0.5, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def caption_clips(plan: Plan, cfg: JobConfig) -> None:
+    """Caption every clip of the plan that has no caption yet (one per clip, from its representative frame) and give
+    it to the clip's row and segments; a clip whose frame cannot be read or captioned fails alone (rejected)."""
+    todo = [clip for clip in plan.clips.values() if clip.row["prompt"] is None]
+    if not todo:
+        return
+    source, output = locations(cfg)
+    stage = cfg.compute.caption
+    requests = _table([{**clip.row, "task": clip.caption_task} for clip in todo])
+    frames = ray.data.from_arrow([requests.slice(start, stage.batch_size)
+                                  for start in range(0, requests.num_rows, stage.batch_size)])
+    captioned = frames.map_batches(
+        read_caption_frames, fn_kwargs={"input_location": source, "output_location": output},
+        batch_format="pyarrow", batch_size=stage.batch_size, num_cpus=0.5
+    ).map_batches(Captioner, fn_constructor_kwargs={"spec": plan.spec}, **_stage_compute(cfg, len(todo)))
+    results = {}
+    for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.drop_columns(["data", "frames", "task"]).to_pylist():
+            results[row["source_key"]] = row
+    for key, result in results.items():
+        clip = plan.clips[key]
+        if result["status"] == "failed":
+            plan.rejected.append({**clip.row, "status": "failed", "error_type": result["error_type"],
+                                  "error_message": f"its caption frame: {result['error_message']}"})
+            del plan.clips[key]
+            continue
+        set_caption(clip.row, result["caption"], plan.spec, result["caption_run_id"])
+    for row in plan.todo:
+        if row["unit"] == "segment" and row["source_key"] in plan.clips and row["source_key"] in results:
+            row.update({name: plan.clips[row["source_key"]].row[name] for name in CAPTION_FIELDS})
+    plan.todo = [row for row in plan.todo if row["unit"] != "segment" or row["source_key"] in plan.clips]
+
+
+# -- text encoding ---------------------------------------------------------------------------------------------------
+class PromptEncoding:
+    """Actor: the model's SD3 text encoders (``dit4sr.PromptEncoder``); gives each row with a prompt to encode its
+    embedding (``prompt_embedding``), encoding each distinct text of a batch once and keeping recent ones. Texts
+    in ``shared`` were encoded before the stream (``shared_prompt_embeddings``) and are left alone."""
+
+    def __init__(self, spec: RunSpec, shared: frozenset[str] = frozenset()):
+        import dit4sr
+
+        root = dit4sr.BUNDLED_MODEL if spec.model_path == "bundled" else spec.model_path
+        self.encoder = dit4sr.PromptEncoder.from_pretrained(root, device=_actor_device(spec),
+                                                            storage_options=spec.storage_options)
+        self.shared = shared
+        self.recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        wanted = [row["prompt"] for row in rows
+                  if row["status"] is None and row["prompt"] and row["prompt"] not in self.shared]
+        embeddings = self.encode(wanted)
+        for row in rows:
+            row[EMBEDDING_COLUMN] = embeddings.get(row["prompt"]) if row["status"] is None else None
+        schema = batch.schema if EMBEDDING_COLUMN in batch.schema.names else \
+            batch.schema.append(pa.field(EMBEDDING_COLUMN, pa.binary()))
+        return _table(rows, schema)
+
+    def encode(self, texts: list[str]) -> dict[str, bytes]:
+        missing = [text for text in dict.fromkeys(texts) if text not in self.recent]
+        for text, embedding in zip(missing, self.encoder.encode(missing) if missing else []):
+            self.recent[text] = embedding.to_bytes()
+        found = {}
+        for text in dict.fromkeys(texts):
+            self.recent.move_to_end(text)
+            found[text] = self.recent[text]
+        while len(self.recent) > max(RECENT_TEXTS, len(found)):
+            self.recent.popitem(last=False)
+        return found
+
+
+def shared_prompt_embeddings(plan: Plan, cfg: JobConfig) -> dict[str, ray.ObjectRef]:
+    """Embeddings of the texts several units of the plan share, and of the negative prompt (key ``NEGATIVE``),
+    encoded once in a Ray Data pass on ``PromptEncoding`` actors and kept in Ray's object store for the run."""
+    if engine_kind(cfg.model.path) != "dit4sr":
+        return {}
+    uses = Counter(row["prompt"] for row in plan.todo if row["prompt"])
+    texts = {text for text, count in uses.items() if count > 1}
+    negative = negative_text(plan.settings) if plan.todo else None
+    wanted = sorted(texts | ({negative} if negative else set()))
+    if not wanted:
+        return {}
+    stage = cfg.compute.caption
+    texts_table = pa.table({"prompt": pa.array(wanted, pa.string()), "status": pa.nulls(len(wanted), pa.string())})
+    encoded = ray.data.from_arrow([texts_table.slice(start, stage.batch_size)
+                                   for start in range(0, len(wanted), stage.batch_size)]).map_batches(
+        PromptEncoding, fn_constructor_kwargs={"spec": plan.spec},
+        **_stage_compute(cfg, math.ceil(len(wanted) / stage.batch_size)))
+    refs: dict[str, ray.ObjectRef] = {}
+    from dit4sr import PromptEmbedding
+
+    for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for text, data in zip(batch["prompt"].to_pylist(), batch[EMBEDDING_COLUMN].to_pylist()):
+            ref = ray.put(PromptEmbedding.from_bytes(data))
+            if text in texts:
+                refs[text] = ref
+            if text == negative:
+                refs[NEGATIVE] = ref
+    return refs
+
+
+def add_prompt_stages(dataset: ray.data.Dataset, plan: Plan, cfg: JobConfig,
+                      shared: Mapping[str, Any]) -> ray.data.Dataset:
+    """The stream's prompt steps between reading and upscaling: captions for photos still without one, then the
+    embeddings of the texts no other unit shares. Steps with nothing to do are left out (no model loads)."""
+    stage_kwargs = _stage_compute(cfg)
+    if plan.spec.caption and needs_captions(plan.todo):
+        dataset = dataset.map_batches(Captioner, fn_constructor_kwargs={"spec": plan.spec}, **stage_kwargs)
+    if engine_kind(cfg.model.path) == "dit4sr" and any(
+            (row["prompt"] is None and row["unit"] == "image") or (row["prompt"] and row["prompt"] not in shared)
+            for row in plan.todo):
+        dataset = dataset.map_batches(PromptEncoding, fn_constructor_kwargs={
+            "spec": plan.spec, "shared": frozenset(text for text in shared if text != NEGATIVE)}, **stage_kwargs)
+    return dataset
