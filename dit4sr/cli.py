@@ -9,6 +9,11 @@ temporary name and renamed when complete, so a crash never leaves a partial file
 truncated or exceeds ``--max-pixels`` fails alone with a one-line reason on stderr; the others are
 still processed. Exit codes as the catalog job's: 0 all written, 1 nothing could be done (an unloadable model, no
 input naming anything) with one ``dit4sr-upscale: error:`` line, 2 a bad command line, 3 some inputs failed.
+
+``--caption-model PATH`` prompts each input with its caption, as the paper runs DiT4SR "with LLaVA"
+(``dit4sr.captioning``; greedy, so the same input always gets the same caption): every input is captioned first
+(a video from the middle frame of its first segment, shared by all its frames), then the caption model is freed
+and the DiT4SR model loads with its text encoders.
 """
 
 from __future__ import annotations
@@ -115,10 +120,61 @@ def save_png(image: Image.Image, target: Path) -> None:
     write_atomic(fsspec.filesystem("file"), str(target), buffer.getvalue())
 
 
+def video_caption_frame(job: Job, segment_seconds: float = 4.0):
+    """The frame a video's caption describes, as the catalog job chooses it with its default ``video`` settings:
+    the middle frame of its first segment of about ``segment_seconds``, so both give a video the same caption."""
+    from pipeline.media import video
+
+    with job.fs.open(job.path, "rb", block_size=1 << 20) as handle:
+        index = video.index_video(handle, job.source)
+        rate = index.average_rate or (index.frames / index.duration if index.duration else 24)
+        segment = video.plan_segments(index, max(1, round(segment_seconds * float(rate))))[0]
+        packets = video.extract_segment(handle, segment, job.source)
+    frames = video.decode_segment(packets, segment, job.source)
+    middle = next(frame for number, frame in enumerate(frames) if number == segment.output_frames // 2)
+    frames.close()
+    return middle
+
+
+def caption_inputs(jobs: list[Job], captioner, max_pixels: int, quiet: bool) -> tuple[dict[str, str], list]:
+    """Each input's caption (``--caption-model``): an image's own, a video's from its caption frame; returns the
+    captions by source and ``(source, reason)`` for inputs that could not be captioned."""
+    captions, failures = {}, []
+    for job in tqdm(jobs, desc="caption", unit="input", disable=quiet):
+        try:
+            image = video_caption_frame(job) if is_video(job.path) else read_image(job, max_pixels)
+            captions[job.source] = captioner.caption(image)
+            tqdm.write(f"dit4sr-upscale: caption {job.source}: {captions[job.source]}", file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - a bad input fails alone
+            reason = _reason(error)
+            tqdm.write(f"dit4sr-upscale: FAILED {job.source}: {reason}", file=sys.stderr)
+            failures.append((job.source, reason))
+    return captions, failures
+
+
+def has_text_encoders(model: str) -> bool:
+    from .pipeline_dit4sr import TEXT_COMPONENTS, _read_json, _resolve_root
+
+    try:
+        index = _read_json(_resolve_root(model), "model_index.json", None)
+    except Exception:  # noqa: BLE001 - an unreadable model is reported when it is loaded
+        index = None
+    return index is None or all(index.get(name) and index[name][0] for name in TEXT_COMPONENTS)
+
+
+def load_captioner(path: str, device: str | None):
+    """``dit4sr.ImageCaptioner`` from ``path``, checked first from its small files (one-line errors)."""
+    from .captioning import ImageCaptioner, inspect_caption_model
+
+    inspect_caption_model(path)
+    return ImageCaptioner.from_pretrained(path, device=device)
+
+
 def upscale_video(job: Job, pipe, scale: int, seed: int, settings: dict, output_dir: Path,
                   segment_frames: int = 48, frames_per_call: int = 4) -> Path:
-    """Upscale one video segment by segment (never a whole film in memory), every frame from one noise field,
-    then remux the segments with the source's audio and subtitles into the output."""
+    """Upscale one video segment by segment (never a whole film in memory), every frame from one noise field
+    (and one prompt: ``settings``), then remux the segments with the source's audio and subtitles into the
+    output."""
     from pipeline.media import video
 
     def opened():
@@ -178,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile-size", type=int, help="latent tile size (default: recommended)")
     parser.add_argument("--tile-overlap", type=int, help="latent tile overlap (default: recommended)")
     parser.add_argument("--color-fix", choices=("adain", "wavelet", "none"), help="default: recommended")
+    parser.add_argument("--caption-model", metavar="PATH",
+                        help="prompt each input with its caption by this image-text-to-text model (a Hugging Face "
+                             "folder or fsspec URL, e.g. llava-hf/llava-1.5-13b-hf as downloaded), as the paper "
+                             "runs DiT4SR; needs a model with text encoders")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default auto: CUDA where there is a GPU, else the CPU)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -186,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"refuse inputs with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def should_compile(choice: str, device: torch.device) -> bool:
@@ -232,8 +299,23 @@ def main(argv: list[str] | None = None) -> int:
     if not unique:
         return _error("nothing to upscale: no input names an image or video")
 
+    device = None if args.device == "auto" else args.device
+    captions: dict[str, str] = {}
+    if args.caption_model:  # captions first, then the caption model goes: the two need not share the GPU
+        if not has_text_encoders(args.model):
+            return _error(f"--caption-model: model {args.model} has no text encoders to encode captions with (use a "
+                          "root with text_encoder, _2 and _3, e.g. Stable Diffusion 3.5 Medium's)")
+        try:
+            captioner = load_captioner(args.caption_model, device)
+        except Exception as error:  # noqa: BLE001 - reported as one line, like every other failure
+            return _error(f"cannot load caption model {args.caption_model}: {_reason(error)}")
+        captions, caption_failures = caption_inputs(unique, captioner, args.max_pixels, args.quiet)
+        failures += caption_failures
+        unique = [job for job in unique if job.source in captions]
+        del captioner
+        _free_gpu_memory()
     try:
-        pipe = DiT4SRPipeline.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
+        pipe = DiT4SRPipeline.from_pretrained(args.model, device=device, load_text_encoders=bool(captions))
     except Exception as error:  # noqa: BLE001 - reported as one line, like every other failure
         return _error(f"cannot load model {args.model}: {_reason(error)}")
     if should_compile(args.compile, pipe._execution_device):
@@ -246,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     written = 0
     for job in tqdm(unique, desc="upscale", unit="image", disable=args.quiet):
+        prompted = {**settings, "prompt": captions.get(job.source, "")}
         try:
             if is_video(job.path):
-                upscale_video(job, pipe, args.scale, args.seed, settings, output_dir)
+                upscale_video(job, pipe, args.scale, args.seed, prompted, output_dir)
             else:
                 image = read_image(job, args.max_pixels)
                 result = pipe(image, upscale=args.scale, seed=args.seed, output_type="pil", show_progress=False,
-                              **settings).images[0]
+                              **prompted).images[0]
                 save_png(result, output_dir / job.output)
             written += 1
         except Exception as error:  # noqa: BLE001 - a bad input fails alone
