@@ -200,6 +200,7 @@ def test_a_clip_resumed_after_its_first_segments_keeps_their_caption(ray_local, 
     from pipeline import plan as planning
     from pipeline.run import execute, prepare
 
+    (tmp_path / "in").mkdir()
     video_clips.write_clip(tmp_path / "in" / "clip.mp4", frames=12, size=(24, 16))
     cfg = validate_config(_config(tmp_path, tiny_text_model_root, tiny_caption_model_root,
                                   video={"segment_seconds": 0.2, "measure_flicker": False}))
@@ -207,7 +208,6 @@ def test_a_clip_resumed_after_its_first_segments_keeps_their_caption(ray_local, 
     captions.caption_clips(plan, cfg)
     segments = [row for row in plan.todo if row["unit"] == "segment"]
     plan.todo = segments[:1]  # the run "stops" after one segment: its clip stays unassembled
-    plan.clips = {}
     execute(plan, cfg)
     staged = manifests(tmp_path / "out")
     assert list(staged.unit) == ["segment"] and staged.caption.notna().all()
@@ -221,7 +221,6 @@ def test_a_clip_resumed_after_its_first_segments_keeps_their_caption(ray_local, 
     assert final.caption_run_id.nunique() == 1
 
 
-@pytest.mark.slow
 def test_dit4sr_upscale_caption_model(tmp_path, tiny_text_model_root, tiny_caption_model_root, capsys):
     """``dit4sr-upscale --caption-model``: each image is upscaled with its caption as the prompt (the same bytes as
     the pipeline called with that prompt); a caption model that cannot work is one line and exit 2."""
@@ -243,6 +242,7 @@ def test_dit4sr_upscale_caption_model(tmp_path, tiny_text_model_root, tiny_capti
                     show_progress=False).images[0]
     assert np.array_equal(np.asarray(Image.open(out / "a.png")), np.asarray(expected))
 
+    capsys.readouterr()
     assert main([*args[:-1], str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"dit4sr-upscale: cannot load caption model {tmp_path / 'nowhere'}: "
