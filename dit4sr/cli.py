@@ -139,15 +139,17 @@ def video_caption_frame(job: Job, segment_seconds: float = 4.0):
 def caption_inputs(jobs: list[Job], captioner, max_pixels: int, quiet: bool) -> tuple[dict[str, str], list]:
     """Each input's caption (``--caption-model``): an image's own, a video's from its caption frame; returns the
     captions by source and ``(source, reason)`` for inputs that could not be captioned."""
+    from tqdm.auto import tqdm
+
     captions, failures = {}, []
     for job in tqdm(jobs, desc="caption", unit="input", disable=quiet):
         try:
             image = video_caption_frame(job) if is_video(job.path) else read_image(job, max_pixels)
             captions[job.source] = captioner.caption(image)
-            tqdm.write(f"dit4sr-upscale: caption {job.source}: {captions[job.source]}", file=sys.stderr)
+            tqdm.write(f"{PROG}: caption {job.source}: {captions[job.source]}", file=sys.stderr)
         except Exception as error:  # noqa: BLE001 - a bad input fails alone
             reason = _reason(error)
-            tqdm.write(f"dit4sr-upscale: FAILED {job.source}: {reason}", file=sys.stderr)
+            tqdm.write(_failed(job.source, reason), file=sys.stderr)
             failures.append((job.source, reason))
     return captions, failures
 

@@ -223,7 +223,7 @@ def test_a_clip_resumed_after_its_first_segments_keeps_their_caption(ray_local, 
 
 def test_dit4sr_upscale_caption_model(tmp_path, tiny_text_model_root, tiny_caption_model_root, capsys):
     """``dit4sr-upscale --caption-model``: each image is upscaled with its caption as the prompt (the same bytes as
-    the pipeline called with that prompt); a caption model that cannot work is one line and exit 2."""
+    the pipeline called with that prompt); a caption model that cannot work is one error line and exit 1."""
     from PIL import Image
 
     from dit4sr import DiT4SRPipeline
@@ -243,10 +243,10 @@ def test_dit4sr_upscale_caption_model(tmp_path, tiny_text_model_root, tiny_capti
     assert np.array_equal(np.asarray(Image.open(out / "a.png")), np.asarray(expected))
 
     capsys.readouterr()
-    assert main([*args[:-1], str(tmp_path / "nowhere")]) == 2
+    assert main([*args[:-1], str(tmp_path / "nowhere")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"dit4sr-upscale: cannot load caption model {tmp_path / 'nowhere'}: "
+    assert err == [f"dit4sr-upscale: error: cannot load caption model {tmp_path / 'nowhere'}: "
                    "ValueError: no such folder, or it is empty"]
     assert main([args[0], "-o", str(out), "--model", "bundled", "--quiet", "--caption-model",
-                 str(tiny_caption_model_root)]) == 2
-    assert "has no text encoders" in capsys.readouterr().err
+                 str(tiny_caption_model_root)]) == 1
+    assert "error: --caption-model: model bundled has no text encoders" in capsys.readouterr().err
