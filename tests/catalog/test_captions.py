@@ -148,17 +148,20 @@ def test_photos_are_captioned_on_the_cluster_cached_and_recorded(ray_local, tiny
 @pytest.mark.slow
 def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, tiny_text_model_root,
                                                                      tiny_caption_model_root, tmp_path):
-    """A video of three segments: one caption, from the middle frame of its first segment, on the clip's row and
-    every segment's; the same job on more caption actors with other batches gives the same captions and bytes."""
+    """A video and a frame sequence of several segments each: one caption per clip, from the middle frame of its
+    first segment, on the clip's row and every segment's; the same job on more caption actors with other batches
+    gives the same captions and bytes."""
     from support import video_clips
 
     from pipeline.media import video
 
     photos = {"a.png": image_bytes(10, 8, seed=1), "b.png": image_bytes(9, 7, seed=2)}
-    write_catalog(tmp_path / "in", photos)
+    reel = {f"reel/frame_{n:04d}.png": image_bytes(12, 8, seed=10 + n) for n in range(1, 7)}
+    write_catalog(tmp_path / "in", {**photos, **reel})
     clip = tmp_path / "in" / "clip.mp4"
     video_clips.write_clip(clip, frames=12, size=(24, 16))
-    sections = {"video": {"segment_seconds": 0.2, "measure_flicker": False}}
+    # segments of 5 frames (0.2 s at 24 frames/s): the video's three, the sequence's 5 + 1 frames
+    sections = {"video": {"segment_seconds": 0.2, "measure_flicker": False, "sequence_folders": ["reel"]}}
     assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, tiny_caption_model_root,
                                            **sections))) == EXIT_OK
     rows = manifests(tmp_path / "out")
@@ -174,8 +177,12 @@ def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, t
     frame = np.clip(media.to_float_rgb(middle) * 255 + 0.5, 0, 255).astype(np.uint8)  # as the job's PNG of it
     captioner = ImageCaptioner.from_pretrained(str(tiny_caption_model_root), max_new_tokens=CAPTION_TOKENS)
     assert clip_rows.caption.iloc[0] == captioner.caption(frame.astype(np.float32) / 255)
+    sequence_rows = rows[rows.source_key == "reel/frame_%04d.png"]
+    assert sorted(sequence_rows.unit) == ["segment", "segment", "sequence"]
+    assert set(sequence_rows.caption) == set(_expected_captions(  # frames 1-5 first: their middle one
+        tiny_caption_model_root, {"reel/frame_0003.png": reel["reel/frame_0003.png"]}).values())
     summary = _summary(tmp_path / "out", rows.run_id.iloc[0])
-    assert summary["captions"] == {"generated": 3, "reused": 0}  # two photos and one clip
+    assert summary["captions"] == {"generated": 4, "reused": 0}  # two photos, one video, one sequence
 
     more = {**sections, "compute": {"batch_size": 1, "actors": {"min": 2, "max": 2}, "cpus_per_actor": 0.5,
                                     "caption": {"cpus_per_actor": 0.5, "batch_size": 1,
@@ -185,7 +192,7 @@ def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, t
     again = manifests(tmp_path / "again")
     by_unit = rows.set_index("unit_key").caption
     assert again.set_index("unit_key").caption.to_dict() == by_unit.to_dict()
-    for key in ("a.png", "b.png", "clip.mp4"):
+    for key in ("a.png", "b.png", "clip.mp4", *reel):
         assert (tmp_path / "out" / key).read_bytes() == (tmp_path / "again" / key).read_bytes(), key
 
 
