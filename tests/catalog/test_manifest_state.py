@@ -116,6 +116,24 @@ def test_a_killed_runs_rows_count_for_planning_and_show_once_committed(tmp_path)
         ("r1", "interrupted", None, 3)
 
 
+def test_a_state_written_before_the_caption_columns_gains_them(tmp_path):
+    """Columns added to the manifest later (prompt, caption, ...) read as null from an older state file, and the
+    next fold writes them, with the values of the runs it folds."""
+    output = Location(str(tmp_path / "out"), {})
+    new_columns = ["prompt", "caption", "caption_model", "caption_fingerprint", "caption_run_id"]
+    older = manifest.to_table([_row("r0", "a")]).drop_columns(new_columns)
+    output.write_atomic(state.STATE_KEY, manifest.table_bytes(
+        older.replace_schema_metadata({b"dit4sr.folded_runs": b'["r0"]'})))
+    assert state.latest_done(output)["a"]["caption"] is None
+    manifest.write_part(output, "r1", [{**_row("r1", "b"), "caption": "a boat", "caption_fingerprint": "c"}])
+    manifest.commit_run(output, "r1")
+    assert state.fold(output) == ["r1"]
+    table, folded = state.read_state(output)
+    assert folded == {"r0", "r1"} and set(new_columns) <= set(table.column_names)
+    assert {row["unit_key"]: row["caption"] for row in table.to_pylist()} == {"a": None, "b": "a boat"}
+    assert state.latest_done(output)["b"]["caption_fingerprint"] == "c"
+
+
 def test_a_commit_interrupted_while_deleting_parts_is_finished_not_redone(tmp_path):
     output = Location(str(tmp_path / "out"), {})
     for batch in (["a", "b"], ["c"], ["d"]):
