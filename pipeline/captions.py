@@ -35,7 +35,7 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-from . import media
+from . import listing, manifest, media
 from .config import ConfigError, JobConfig
 from .engine import NEGATIVE, engine_kind, negative_text, prompt_text
 from .media import video
@@ -132,13 +132,12 @@ class Captioner:
 
 def to_generate(plan: Plan) -> int:
     """Captions the plan still needs: its photos' and its clips' without one from earlier runs."""
-    return sum(row["prompt"] is None and row["unit"] == "image" for row in plan.todo) + \
-        sum(clip.row["prompt"] is None for clip in plan.clips.values())
+    return plan.prompt_uses[None] + sum(clip.row["prompt"] is None for clip in plan.clips.values())
 
 
-def needs_captions(rows: list[dict[str, Any]]) -> bool:
-    """Whether any photo among ``rows`` still needs its caption (clips are captioned before the stream)."""
-    return any(row["prompt"] is None and row["unit"] == "image" for row in rows)
+def needs_captions(plan: Plan) -> bool:
+    """Whether any photo of the plan still needs its caption (clips are captioned before the stream)."""
+    return plan.prompt_uses[None] > 0
 
 
 def read_caption_frames(batch: pa.Table, input_location: Location, output_location: Location) -> pa.Table:
@@ -192,18 +191,40 @@ def caption_clips(plan: Plan, cfg: JobConfig) -> None:
     for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.drop_columns(["data", "frames", "task"]).to_pylist():
             results[row["source_key"]] = row
+    rejected, captioned_clips = [], {}
     for key, result in results.items():
         clip = plan.clips[key]
         if result["status"] == "failed":
-            plan.rejected.append({**clip.row, "status": "failed", "error_type": result["error_type"],
-                                  "error_message": f"its caption frame: {result['error_message']}"})
+            rejected.append({**clip.row, "status": "failed", "error_type": result["error_type"],
+                             "error_message": f"its caption frame: {result['error_message']}"})
             del plan.clips[key]
             continue
         set_caption(clip.row, result["caption"], plan.spec, result["caption_run_id"])
-    for row in plan.todo:
-        if row["unit"] == "segment" and row["source_key"] in plan.clips and row["source_key"] in results:
-            row.update({name: plan.clips[row["source_key"]].row[name] for name in CAPTION_FIELDS})
-    plan.todo = [row for row in plan.todo if row["unit"] != "segment" or row["source_key"] in plan.clips]
+        captioned_clips[key] = {name: clip.row[name] for name in CAPTION_FIELDS}
+        plan.prompt_uses[clip.row["prompt"]] += len(clip.segment_keys) - clip.tally.staged
+    runner = listing.Runner(True)
+    if rejected:
+        plan.rejected.blocks.append(ray.put(manifest.to_table(rejected)))
+        plan.rejected.count += len(rejected)
+    # The segments, where planning left them (the object store), get their clip's caption or leave with it.
+    dropped = frozenset(row["source_key"] for row in rejected)
+    fields, blocks = ray.put(captioned_clips), []
+    for block in plan.todo.blocks:
+        blocks.append(runner.submit(_with_clip_captions, block, fields, dropped, num_returns=2))
+    plan.todo.blocks = [block for block, _ in blocks]
+    plan.todo.count -= sum(ray.get([removed for _, removed in blocks]))
+
+
+def _with_clip_captions(block: pa.Table, captioned: dict[str, dict[str, Any]], dropped: frozenset[str]
+                        ) -> tuple[pa.Table, int]:
+    """Task: a block of units to do with its clips' segments captioned, those of ``dropped`` clips removed; and how
+    many were."""
+    rows = block.to_pylist()
+    kept = [row for row in rows if row["unit"] != "segment" or row["source_key"] not in dropped]
+    for row in kept:
+        if row["unit"] == "segment" and row["source_key"] in captioned:
+            row.update(captioned[row["source_key"]])
+    return pa.Table.from_pylist(kept, schema=block.schema), len(rows) - len(kept)
 
 
 # -- text encoding ---------------------------------------------------------------------------------------------------
@@ -250,8 +271,7 @@ def shared_prompt_embeddings(plan: Plan, cfg: JobConfig) -> dict[str, ray.Object
     encoded once in a Ray Data pass on ``PromptEncoding`` actors and kept in Ray's object store for the run."""
     if engine_kind(cfg.model.path) != "dit4sr":
         return {}
-    uses = Counter(row["prompt"] for row in plan.todo if row["prompt"])
-    texts = {text for text, count in uses.items() if count > 1}
+    texts = {text for text, count in plan.prompt_uses.items() if text and count > 1}
     negative = negative_text(plan.settings) if plan.todo else None
     wanted = sorted(texts | ({negative} if negative else set()))
     if not wanted:
@@ -280,11 +300,10 @@ def add_prompt_stages(dataset: ray.data.Dataset, plan: Plan, cfg: JobConfig,
     """The stream's prompt steps between reading and upscaling: captions for photos still without one, then the
     embeddings of the texts no other unit shares. Steps with nothing to do are left out (no model loads)."""
     stage_kwargs = _stage_compute(cfg)
-    if plan.spec.caption and needs_captions(plan.todo):
+    if plan.spec.caption and needs_captions(plan):
         dataset = dataset.map_batches(Captioner, fn_constructor_kwargs={"spec": plan.spec}, **stage_kwargs)
     if engine_kind(cfg.model.path) == "dit4sr" and any(
-            (row["prompt"] is None and row["unit"] == "image") or (row["prompt"] and row["prompt"] not in shared)
-            for row in plan.todo):
+            text is None or (text and text not in shared) for text in plan.prompt_uses):
         dataset = dataset.map_batches(PromptEncoding, fn_constructor_kwargs={
             "spec": plan.spec, "shared": frozenset(text for text in shared if text != NEGATIVE)}, **stage_kwargs)
     return dataset

@@ -23,19 +23,8 @@ import ray
 from . import manifest, sequence_movie
 from .config import JobConfig
 from .media import video
-from .plan import Clip, Plan, locations
+from .plan import Clip, Plan, SegmentTally, locations
 from .storage import Location
-
-
-def combined_flicker(segments: list[dict[str, Any]]) -> dict[str, Any]:
-    """The clip's flicker over its segments' frame pairs (ratio of the summed motions, not a mean of ratios)."""
-    measured = [s for s in segments if s.get("flicker_pairs") and s.get("flicker") is not None]
-    reference = sum(s["reference_motion"] * s["flicker_pairs"] for s in measured)
-    if not reference:
-        return {}
-    output = sum(s["flicker"] * s["reference_motion"] * s["flicker_pairs"] for s in measured)
-    return {"flicker": output / reference, "flicker_pairs": sum(s["flicker_pairs"] for s in measured),
-            "reference_motion": reference / sum(s["flicker_pairs"] for s in measured)}
 
 
 def _sha256_file(path: str) -> str:
@@ -60,14 +49,15 @@ def _local_segments(output: Location, keys: list[str]):
         yield paths
 
 
-def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: video.VideoIndex,
+def finish_video(row: dict[str, Any], segment_outputs: list[str], tally: SegmentTally, index: video.VideoIndex,
                  source: Location, output: Location, progressive: bool = True) -> dict[str, Any]:
-    """Ray task: assemble and commit one video; returns its manifest row (``failed`` on any error)."""
+    """Ray task: assemble and commit one video from its staged segment files (in order); returns its manifest row
+    (``failed`` on any error)."""
     row = {**row, "started_at": manifest.utcnow()}
     temp = output.temp_path(row["output_key"])
     step = "assembly_failed"
     try:
-        with _local_segments(output, [s["output_key"] for s in segments]) as paths, \
+        with _local_segments(output, segment_outputs) as paths, \
                 source.fs.open(source.path(row["source_key"]), "rb", block_size=1 << 22) as handle:
             stats = video.assemble(handle, paths, temp, index, row["source_key"],
                                    container=os.path.splitext(row["output_key"])[1], progressive=progressive)
@@ -81,26 +71,25 @@ def finish_video(row: dict[str, Any], segments: list[dict[str, Any]], index: vid
         row.update(status="ok", output_sha256=sha256, output_size=written.size,
                    output_etag_or_mtime=written.identity, frames_out=stats["frames"],
                    duration_out=stats["duration_s"], streams_copied=",".join(stats["streams_copied"]),
-                   codec=stats["codec"], out_width=segments[0]["out_width"], out_height=segments[0]["out_height"],
-                   **combined_flicker(segments))
+                   codec=stats["codec"], out_width=tally.out_size[0], out_height=tally.out_size[1],
+                   **tally.flicker())
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
     return _finished(row)
 
 
-def finish_sequence(row: dict[str, Any], segments: list[dict[str, Any]]) -> dict[str, Any]:
-    """A frame sequence's row from its staged segments (their frames are already at their final keys)."""
+def finish_sequence(row: dict[str, Any], tally: SegmentTally) -> dict[str, Any]:
+    """A frame sequence's row from its staged segments' tally (their frames are already at their final keys)."""
     row = {**row, "started_at": manifest.utcnow()}
-    sizes = {(s["width"], s["height"]) for s in segments}
-    if len(sizes) > 1:
+    if len(tally.sizes) > 1:
         row.update(status="failed", error_type="sequence_mixed_sizes",
-                   error_message=f"the sequence's frames have {len(sizes)} sizes: {sorted(sizes)}")
+                   error_message=f"the sequence's frames have {len(tally.sizes)} sizes: {sorted(tally.sizes)}")
     else:
-        row.update(status="ok", width=segments[0]["width"], height=segments[0]["height"],
-                   out_width=segments[0]["out_width"], out_height=segments[0]["out_height"],
-                   frames_out=sum(s["frames_out"] or 0 for s in segments),
-                   output_size=sum(s["output_size"] or 0 for s in segments), **combined_flicker(segments))
+        (width, height), = tally.sizes
+        row.update(status="ok", width=width, height=height, out_width=tally.out_size[0],
+                   out_height=tally.out_size[1], frames_out=tally.frames_out, output_size=tally.output_size,
+                   **tally.flicker())
     return _finished(row)
 
 
@@ -122,14 +111,15 @@ def remove_staged(output: Location, keys: list[str]) -> None:
 
 
 class ClipFinisher:
-    """Driver side: collects staged segments per clip and finishes each clip once all of them are staged —
-    videos in a Ray task (assembly reads the source's audio and writes the output), sequences right here."""
+    """Driver side: tallies staged segments per clip (counters, not rows) and finishes each clip once all of them
+    are staged — videos in a Ray task (assembly reads the source's audio and writes the output), sequences right
+    here."""
 
     def __init__(self, plan: Plan, cfg: JobConfig):
         self.clips, self.run_id = plan.clips, plan.run_id
         self.source, self.output = locations(cfg)
         self.pending: dict[ray.ObjectRef, Clip] = {}
-        self.finished: list[dict[str, Any]] = []
+        self.finished: list[dict[str, Any]] = []  # clip rows committed since the last drain_finished()
         self._finish = ray.remote(finish_video).options(num_cpus=1)
         self._movie, self.spec = ray.remote(sequence_movie.write_movie).options(num_cpus=1), plan.spec
         for clip in self.clips.values():  # clips whose segments were all staged by earlier runs
@@ -141,7 +131,7 @@ class ClipFinisher:
                 continue
             clip = self.clips[row["source_key"]]
             if row["status"] == "staged":
-                clip.staged[row["unit_key"]] = row
+                clip.tally.add(row)
                 self._maybe_finish(clip)
             elif clip.row.get("status") is None:  # the clip fails with its first failed segment
                 frames = f"frames {row['frame_start']}-{row['frame_stop'] - 1}"
@@ -150,33 +140,35 @@ class ClipFinisher:
         ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
         self._collect(ready)
 
-    def wait(self) -> list[dict[str, Any]]:
+    def wait(self) -> None:
         self._collect(list(self.pending))
-        return self.finished
+
+    def drain_finished(self) -> list[dict[str, Any]]:
+        """The clip rows committed since the last call (for the progress display; not kept)."""
+        finished, self.finished = self.finished, []
+        return finished
 
     def _maybe_finish(self, clip: Clip) -> None:
         if not clip.complete or clip.row.get("status") is not None:
             return
         clip.row["status"] = "finishing"
-        segments = [clip.staged[key] for key in clip.segment_keys]
         if clip.index is None:
-            row = finish_sequence(clip.row, segments)
+            row = finish_sequence(clip.row, clip.tally)
             if row["status"] == "ok" and clip.movie_key:  # video.sequence_fps: the frames also become a movie
                 self.pending[self._movie.remote(row, clip.frame_outputs, clip.movie_key, self.output,
                                                 self.spec)] = clip
             else:
                 self._commit(row)
         else:
-            self.pending[self._finish.remote(clip.row, segments, clip.index, self.source, self.output,
-                                             clip.progressive)] = clip
+            self.pending[self._finish.remote(clip.row, clip.segment_outputs, clip.tally, clip.index, self.source,
+                                             self.output, clip.progressive)] = clip
 
     def _collect(self, refs: list[ray.ObjectRef]) -> None:
         for ref, row in zip(refs, ray.get(refs)):
             clip = self.pending.pop(ref)
             self._commit(row)
             if row["status"] == "ok" and clip.index is not None:  # sequences stage nothing
-                remove_staged(self.output, [clip.staged[key]["output_key"] for key in clip.segment_keys]
-                              + clip.staged_sources)
+                remove_staged(self.output, clip.segment_outputs + clip.staged_sources)
 
     def _commit(self, row: dict[str, Any]) -> None:
         self.clips[row["source_key"]].row["status"] = row["status"]

@@ -39,6 +39,16 @@ class InputConfig(_Section):
     # photos), "videos" (a short film with sound and a frame sequence, made from skimage photos). Only in the
     # folder the config file names: `--set input.uri=...` turns it off (load_config).
     example_catalog: bool | Literal["photos", "videos"] = False
+    # An S3 Inventory report to plan from instead of listing input.uri (buckets of millions of keys): its
+    # manifest.json, or the inventory configuration's folder (<destination prefix>/<source bucket>/<config id>/:
+    # the newest report there). CSV or Parquet, with the Size and ETag fields; read with storage_options.
+    inventory: str | None = None
+
+    @model_validator(mode="after")
+    def _inventory_of_a_bucket(self) -> "InputConfig":
+        if self.inventory and not self.uri.startswith(("s3://", "s3a://")):
+            raise ValueError(f"inventory: S3 Inventory lists a bucket, but input.uri {self.uri!r} is not an s3:// URI")
+        return self
 
 
 class OutputConfig(_Section):

@@ -35,9 +35,10 @@ import signal
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -213,9 +214,31 @@ def read_files(output: Location, keys: list[str], columns: list[str] | None = No
                                              ).to_table(columns=columns, filter=where))
 
 
+COMMIT_ROWS_PER_GROUP = 65_536  # rows per row group of a run's committed file (its parts hold one batch each)
+
+
+def _committed_name(parts: list[str]) -> str:
+    """The run's file, named after its parts (each named after its units): the same parts, the same name."""
+    digest = hashlib.sha256("\n".join(sorted(key.rsplit("/", 1)[-1] for key in parts)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def iter_batches(output: Location, keys: list[str], columns: list[str] | None = None,
+                 where: pads.Expression | None = None) -> Iterator[pa.RecordBatch]:
+    """Rows of the given manifest files (keys under ``_manifests/``), a batch at a time: memory follows the batch,
+    not the files."""
+    if not keys:
+        return
+    manifests = Location(output.url(MANIFEST_DIR), output.storage_options)
+    dataset = pads.dataset([manifests.path(key) for key in keys], schema=SCHEMA, format="parquet",
+                           filesystem=manifests.fs)
+    yield from dataset.to_batches(columns=columns, filter=where, batch_size=COMMIT_ROWS_PER_GROUP)
+
+
 def commit_run(output: Location, run_id: str) -> None:
     """Make a run's rows visible: fold its batch parts into ``run=<id>/part-<hash>.parquet``, then delete them.
 
+    The file is streamed from the parts into a local temp file (memory: one row group) and committed atomically.
     Crash-safe at every step: before the run's file is committed, readers of ``_manifests/*/*.parquet`` see none of
     the run's rows, afterwards all of them (its parts lie one level deeper, where that glob does not reach); and
     once the file exists it is never rewritten from whatever parts are left — a commit interrupted while deleting
@@ -225,9 +248,20 @@ def commit_run(output: Location, run_id: str) -> None:
     if files is None or not files.parts:
         return
     if not files.committed:
-        table = read_files(output, files.parts)
-        output.write_atomic(f"{run_dir(run_id)}/{part_name(table.select(['unit_key', 'source_key']).to_pylist())}",
-                            table_bytes(table))
+        key = f"{run_dir(run_id)}/{_committed_name(files.parts)}"
+        temp = output.temp_path(key)
+
+        def write() -> None:  # pyarrow reads through fsspec without our retry layer: a throttled read redoes it all
+            with pq.ParquetWriter(temp, SCHEMA) as writer:
+                for batch in iter_batches(output, files.parts):
+                    writer.write_batch(batch)
+
+        try:
+            with_retries(write)
+            output.commit_file(key, temp)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temp)
     for number, key in enumerate(files.parts):
         with contextlib.suppress(FileNotFoundError):
             output.remove(f"{MANIFEST_DIR}/{key}")
@@ -245,17 +279,74 @@ def read_manifests(output: Location, columns: list[str] | None = None, where: pa
     return read_files(output, keys, columns, where)
 
 
-def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, fingerprint: str, skipped: int = 0,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
+@dataclass
+class Tally:
+    """A run's rows counted (per unit kind, status and error type), with its frames and its time span: what its
+    summary needs, built from rows or streamed from its manifest files."""
+
+    counts: Counter = field(default_factory=Counter)  # (is segment, status, error type) -> rows
+    frames_ok: int = 0  # frames_out of ok inputs
+    captions: Counter = field(default_factory=Counter)  # inputs' caption_run_id -> inputs (upscale.caption)
+    started: dt.datetime | None = None
+    finished: dt.datetime | None = None
+
+    def add(self, table: pa.Table | pa.RecordBatch) -> None:
+        if not table.num_rows:
+            return
+        table = pa.table({"segment": pc.fill_null(pc.equal(table["unit"], "segment"), False),
+                          "status": table["status"], "error_type": table["error_type"],
+                          "frames": pc.if_else(pc.and_(pc.not_equal(table["unit"], "segment").fill_null(True),
+                                                       pc.equal(table["status"], "ok").fill_null(False)),
+                                               pc.fill_null(table["frames_out"], 0), 0),
+                          "caption_run_id": table["caption_run_id"]})
+        grouped = table.group_by(["segment", "status", "error_type"], use_threads=False).aggregate(
+            [("status", "count", pc.CountOptions(mode="all")), ("frames", "sum")])
+        for row in grouped.to_pylist():
+            self.counts[(row["segment"], row["status"], row["error_type"])] += row["status_count"]
+            self.frames_ok += row["frames_sum"] or 0
+        inputs = table.filter(pc.invert(table["segment"]))
+        if inputs.num_rows and inputs["caption_run_id"].null_count < inputs.num_rows:
+            for row in inputs.group_by("caption_run_id").aggregate([("status", "count")]).to_pylist():
+                if row["caption_run_id"] is not None:
+                    self.captions[row["caption_run_id"]] += row["status_count"]
+
+    def add_times(self, table: pa.Table | pa.RecordBatch) -> None:
+        started, finished = pc.min(table["started_at"]).as_py(), pc.max(table["finished_at"]).as_py()
+        if started is not None:
+            self.started = started if self.started is None else min(self.started, started)
+        if finished is not None:
+            self.finished = finished if self.finished is None else max(self.finished, finished)
+
+    @classmethod
+    def of_rows(cls, rows: list[dict[str, Any]]) -> "Tally":
+        tally = cls()
+        tally.add(to_table(rows))
+        return tally
+
+    @classmethod
+    def of_files(cls, output: Location, keys: list[str]) -> "Tally":
+        tally = cls()
+        for batch in iter_batches(output, keys, ["unit", "status", "error_type", "frames_out", "started_at",
+                                                 "finished_at", "caption_run_id"]):
+            tally.add(batch)
+            tally.add_times(batch)
+        return tally
+
+
+def summarize(rows: list[dict[str, Any]] | Tally, *, run_id: str, seconds: float, fingerprint: str,
+              skipped: int = 0, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Counts per input (photos, videos, sequences); segments, the clips' units of work, are counted apart.
-    ``skipped``: inputs already done, which have no rows."""
-    inputs = [row for row in rows if row.get("unit") != "segment"]
-    segments = Counter(row["status"] for row in rows if row.get("unit") == "segment")
-    statuses = Counter(row["status"] for row in inputs)
+    ``rows``: the run's rows or their ``Tally``; ``skipped``: inputs already done, which have no rows."""
+    tally = rows if isinstance(rows, Tally) else Tally.of_rows(rows)
+    statuses, segments, failures = Counter(), Counter(), Counter()
+    for (segment, status, error_type), number in tally.counts.items():
+        (segments if segment else statuses)[status] += number
+        if not segment and status == "failed":
+            failures[error_type] += number
     processed = statuses.get("ok", 0) + statuses.get("failed", 0)
     # upscale.caption: captions this run generated, and those it took from earlier runs (the unit state)
-    captioned = [row.get("caption_run_id") for row in inputs if row.get("caption_run_id")]
-    captions = {"captions": {"generated": captioned.count(run_id), "reused": len(captioned) - captioned.count(run_id)}}
+    captioned = sum(tally.captions.values())
+    captions = {"captions": {"generated": tally.captions[run_id], "reused": captioned - tally.captions[run_id]}}
     return {
         "run_id": run_id,
         "config_fingerprint": fingerprint,
@@ -264,11 +355,10 @@ def summarize(rows: list[dict[str, Any]], *, run_id: str, seconds: float, finger
         "failed": statuses.get("failed", 0),
         "skipped": skipped,
         "segments": {"staged": segments.get("staged", 0), "failed": segments.get("failed", 0)},
-        "failures_by_type": dict(Counter(row["error_type"] for row in inputs if row["status"] == "failed")),
+        "failures_by_type": dict(failures),
         "seconds": round(seconds, 3),
         "items_per_min": round(processed / seconds * 60, 2) if seconds > 0 else None,
-        "frames_per_min": round(sum(row.get("frames_out") or 0 for row in inputs if row["status"] == "ok")
-                                / seconds * 60, 2) if seconds > 0 else None,
+        "frames_per_min": round(tally.frames_ok / seconds * 60, 2) if seconds > 0 else None,
         **(captions if captioned else {}),
         **(extra or {}),
     }

@@ -23,16 +23,20 @@ import logging
 import pathlib
 import pickle
 import re
+import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
-from . import manifest, media, sequence_movie, state, video_index
+from . import listing, manifest, media, sequence_movie, state, video_index
 from .config import ConfigError, JobConfig, fingerprint
 from .engine import output_size_error, prompt_text, tiles_per_frame
 from .media import video
@@ -50,12 +54,46 @@ _NUMBERED = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<suffix>\.[^./]+)$")
 
 
 @dataclass
+class SegmentTally:
+    """What finishing a clip needs of its staged segments, summed as they arrive: counters, never their rows."""
+
+    staged: int = 0
+    frames_out: int = 0
+    output_size: int = 0
+    sizes: set[tuple[int, int]] = field(default_factory=set)  # distinct source frame sizes (a sequence may mix)
+    out_size: tuple[int, int] | None = None  # the upscaled frame size
+    flicker_pairs: int = 0
+    output_motion: float = 0.0  # sum of flicker x reference_motion x pairs: the output's frame-to-frame change
+    reference_motion: float = 0.0  # sum of reference_motion x pairs: the bicubic input's
+
+    def add(self, segment: dict[str, Any]) -> None:
+        self.staged += 1
+        self.frames_out += segment.get("frames_out") or 0
+        self.output_size += segment.get("output_size") or 0
+        self.sizes.add((segment.get("width"), segment.get("height")))
+        self.out_size = self.out_size or (segment.get("out_width"), segment.get("out_height"))
+        if segment.get("flicker_pairs") and segment.get("flicker") is not None:
+            weight = segment["reference_motion"] * segment["flicker_pairs"]
+            self.flicker_pairs += segment["flicker_pairs"]
+            self.output_motion += segment["flicker"] * weight
+            self.reference_motion += weight
+
+    def flicker(self) -> dict[str, Any]:
+        """The clip's flicker over all its frame pairs (ratio of the summed motions, not a mean of ratios)."""
+        if not self.reference_motion:
+            return {}
+        return {"flicker": self.output_motion / self.reference_motion, "flicker_pairs": self.flicker_pairs,
+                "reference_motion": self.reference_motion / self.flicker_pairs}
+
+
+@dataclass
 class Clip:
     """A video or frame sequence of this run: its own manifest row and the segments that make it."""
 
     row: dict[str, Any]
     segment_keys: list[str]  # unit keys of every segment, in order
-    staged: dict[str, dict[str, Any]]  # unit key -> the segment's staged row (earlier runs', then this run's)
+    segment_outputs: list[str | None]  # each segment's staged file (videos; sequences write frames), in order
+    tally: SegmentTally = field(default_factory=SegmentTally)  # its staged segments (earlier runs', then this run's)
     index: video.VideoIndex | None = None  # videos: what assembly needs
     progressive: bool = True  # videos: tag the output progressive (False: an interlaced source kept woven)
     frame_outputs: list[str] = field(default_factory=list)  # sequences: every frame's output key
@@ -65,18 +103,52 @@ class Clip:
 
     @property
     def complete(self) -> bool:
-        return len(self.staged) == len(self.segment_keys)
+        return self.tally.staged == len(self.segment_keys)
 
 
 @dataclass
-class Plan:
-    spec: RunSpec
+class Planned:
+    """What one planner decided (the driver's for videos, each planning task's for its bucket)."""
+
     todo: list[dict[str, Any]] = field(default_factory=list)  # images and segments, in stream order
     skipped: list[str] = field(default_factory=list)  # source keys of inputs already done (no rows: counted)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     clips: dict[str, Clip] = field(default_factory=dict)  # source key -> clip being made in this run
     stale_staging: list[str] = field(default_factory=list)  # staged files of clips already committed, stale indexes
     video_indexing: video_index.IndexStats | None = None  # how the videos were indexed (tasks, kept indexes, time)
+
+
+class Rows:
+    """Rows kept as blocks (Arrow tables, or refs to them in Ray's object store): counted without reading them,
+    iterated one block at a time (``column``: that column's values instead of row dicts)."""
+
+    def __init__(self, blocks: list[listing.Block], count: int, column: str | None = None):
+        self.blocks, self.count, self.column = blocks, count, column
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Any]:
+        for block in self.blocks:
+            table = listing.fetch(block)
+            yield from (table[self.column].to_pylist() if self.column else table.to_pylist())
+
+    def __getitem__(self, index: int) -> Any:
+        return list(self)[index]
+
+
+@dataclass
+class Plan:
+    spec: RunSpec
+    todo: Rows  # images and segments (TODO_SCHEMA)
+    skipped: Rows  # source keys of inputs already done (no rows: counted)
+    rejected: Rows  # failed rows decided at planning
+    clips: dict[str, Clip] = field(default_factory=dict)  # source key -> clip being made in this run
+    stale_staging: list[str] = field(default_factory=list)  # staged files of clips already committed, stale indexes
+    video_indexing: video_index.IndexStats | None = None  # how the videos were indexed (tasks, kept indexes, time)
+    prompt_uses: Counter = field(default_factory=Counter)  # the units to do per prompt text (None: to caption)
+    todo_images: int = 0  # photos among the units to do (the progress display's counts)
+    todo_frames: int = 0  # output frames of the segments to do
 
     @property
     def run_id(self) -> str:
@@ -177,20 +249,20 @@ def group_inputs(entries: list[Entry], sequence_folders: list[str]) -> tuple[lis
 
 # -- the planner ---------------------------------------------------------------------------------------------------
 class _Planner:
-    def __init__(self, cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None):
+    def __init__(self, cfg: JobConfig, spec: RunSpec, previous: Mapping[str, dict[str, Any]],
+                 existing: dict[str, Entry], prompts: dict[str, str], *, dry_run: bool = False,
+                 in_tasks: bool = False):
+        """``previous``: the latest done row of each unit this planner may meet; ``existing``: the output entries
+        its units may have written (both no more than its share of the catalog)."""
         self.cfg, self.spec = cfg, spec
         # A dry run writes nothing (no kept indexes, no decoded-once staging); Ray tasks wherever Ray is up.
         self.dry_run = dry_run
-        self.in_tasks = ray.is_initialized() if in_tasks is None else in_tasks
+        self.in_tasks = in_tasks
         self.decoded_once: list[tuple[Entry, dict[str, Any], list[video.Segment], list[dict[str, Any]],
                                       dict[str, Any], video.VideoIndex]] = []  # ..., the source's index
         self.source, self.output = locations(cfg)
-        check_output_outside_input(cfg, self.source, self.output)
-        self.plan = Plan(spec=spec)
-        self.prompts = load_prompts(cfg)
-        self.previous = state.latest_done(self.output)
-        self.existing = {entry.relative: entry for entry in
-                         self.output.list(exclude=[f"{manifest.MANIFEST_DIR}/**"])}
+        self.plan = Planned()
+        self.prompts, self.previous, self.existing = prompts, previous, existing
         self.claimed: dict[str, str] = {}
 
     # Rows -------------------------------------------------------------------------------------------------
@@ -457,15 +529,15 @@ class _Planner:
         if row["prompt"] is None and any(self.reuse_caption(row, self.previous.get(s["unit_key"])) for s in segments):
             for segment in segments:
                 segment.update({name: row[name] for name in CAPTION_FIELDS})
-        clip = Clip(row=row, segment_keys=[s["unit_key"] for s in segments], staged={},
-                    caption_task=segments[0]["task"], **facts)
+        clip = Clip(row=row, segment_keys=[s["unit_key"] for s in segments],
+                    segment_outputs=[s["output_key"] for s in segments], caption_task=segments[0]["task"], **facts)
         for segment in segments:
             # Sequence segments write frames straight to their final keys; video segments one staged file.
             done = self.done_before(segment, outputs=pickle.loads(segment["task"]).get("frames"))
             if done is None:
                 self.plan.todo.append(segment)
             else:
-                clip.staged[segment["unit_key"]] = {**segment, **done, "task": None}
+                clip.tally.add({**segment, **done})
         # Staged files of other segment plans (e.g. another segment length) are no longer needed.
         wanted = {s["output_key"] for s in segments} | set(clip.staged_sources)
         self.plan.stale_staging += [key for key in self.existing
@@ -491,25 +563,191 @@ def _video_source(entry: Entry) -> video_index.VideoSource:
     return video_index.VideoSource(entry.relative, entry.size, entry.identity)
 
 
-def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None) -> Plan:
-    """The run's plan. Videos are indexed in Ray tasks when Ray is up (`in_tasks` None), else in threads here; a
-    dry run writes nothing."""
-    planner = _Planner(cfg, spec, dry_run=dry_run, in_tasks=in_tasks)
-    entries = planner.source.list(cfg.input.include, cfg.input.exclude, case_sensitive=cfg.input.case_sensitive)
-    images, videos, sequences = group_inputs(entries, cfg.video.sequence_folders)
+def input_blocks(cfg: JobConfig, source: Location, *, in_tasks: bool) -> list[listing.Block]:
+    """The input's files as entry blocks: from its S3 Inventory report where ``input.inventory`` names one, else
+    listed (in parallel Ray tasks when Ray is up)."""
+    globs = {"include": cfg.input.include, "exclude": cfg.input.exclude, "case_sensitive": cfg.input.case_sensitive}
+    if cfg.input.inventory:
+        return listing.inventory_blocks(cfg.input.inventory, source, **globs, in_tasks=in_tasks)
+    return listing.list_blocks(source, **globs, in_tasks=in_tasks)
+
+
+# -- planning as distributed work ------------------------------------------------------------------------------------
+# The listing (or inventory), the unit state and the output listing are each split into buckets by a key that keeps
+# together everything one decision needs: a photo's key without its extension (so inputs that would write the same
+# output meet, and meet their outputs and earlier rows), or the folder of a frame sequence. Each bucket is planned
+# by a task of its own; what it decides stays in the object store as blocks. Videos, their rows and staged segments
+# go to the driver, which indexes them in Ray tasks (pipeline.video_index): their number, not the catalog's, bounds it.
+ROWS_PER_BUCKET = 100_000
+TODO_SCHEMA = manifest.SCHEMA.append(pa.field("task", pa.binary()))
+_DRIVER = -1  # bucket of the rows that go to the driver
+
+
+def _suffix(key: str) -> str:
+    """``PurePosixPath(key).suffix``, without building a path (planning splits millions of keys)."""
+    name = key[key.rfind("/") + 1:]
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
+def _is_video(key: str) -> bool:
+    return _suffix(key).lower() in media.VIDEO_EXTENSIONS
+
+
+def bucket_key(key: str, in_sequence_folder: Callable[[str], bool] | None) -> str:
+    """What decides a key's bucket: its folder in a sequence folder (its frames, their outputs and rows share it),
+    else the key without its extension (an input, its output under any extension, its rows)."""
+    folder = key[:max(key.rfind("/"), 0)]
+    if in_sequence_folder is not None and in_sequence_folder(folder):
+        return folder + "/"
+    return key[:len(key) - len(_suffix(key))]
+
+
+def split_block(table: pa.Table, kind: str, buckets: int, sequence_folders: list[str]) -> tuple[pa.Table, ...]:
+    """Task: one block's rows by bucket, and last the rows that go to the driver (videos, their rows, staged
+    segments). ``kind``: inputs and outputs (entries), or state (unit rows). Video outputs go both ways: a frame
+    sequence's movie is one too."""
+    keys = table["source_key" if kind == "state" else "relative"].to_pylist()
+    in_sequence_folder = glob_matcher(sequence_folders) if sequence_folders else None
+    ids = np.empty(len(keys), np.int64)
+    to_driver = np.zeros(len(keys), bool)
+    for number, key in enumerate(keys):
+        staged = kind == "outputs" and key.startswith(STAGING_DIR + "/")
+        to_driver[number] = staged or _is_video(key)
+        ids[number] = _DRIVER if staged or (to_driver[number] and kind != "outputs") else \
+            zlib.crc32(bucket_key(key, in_sequence_folder).encode()) % buckets
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
+    parts = [table.take(order[bounds[number]:bounds[number + 1]]) for number in range(buckets)]
+    return (*parts, table.filter(to_driver))
+
+
+def _prompt_uses(todo: list[dict[str, Any]]) -> Counter:
+    """Units per prompt; photos still to caption count under None (a clip's segments share the clip's caption)."""
+    return Counter(row["prompt"] for row in todo if row["prompt"] is not None or row["unit"] == "image")
+
+
+def _images(todo: list[dict[str, Any]]) -> int:
+    return sum(row["unit"] == "image" for row in todo)
+
+
+def _frames(todo: list[dict[str, Any]], clips: dict[str, Clip]) -> int:
+    """Output frames of the segments to do (at field rate two per source frame)."""
+    total = 0
+    for row in todo:
+        if row["unit"] == "segment":
+            clip = clips[row["source_key"]]
+            per_frame = clip.index.frames // clip.row["frames_in"] if clip.index and clip.row["frames_in"] else 1
+            total += (row["frame_stop"] - row["frame_start"]) * per_frame
+    return total
+
+
+@dataclass(frozen=True)
+class _Context:
+    cfg: JobConfig
+    spec: RunSpec
+    dry_run: bool
+
+
+def _todo_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([{name: row.get(name) for name in TODO_SCHEMA.names} for row in rows],
+                                schema=TODO_SCHEMA)
+
+
+def plan_bucket(context: _Context, prompts: dict[str, str], counts: tuple[int, int], *tables: pa.Table
+                ) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, Any]]:
+    """Task: plan one bucket — its photos and frame sequences — from its inputs, its units' rows and its outputs
+    (``tables``: ``counts`` of the first two kinds, the rest outputs). Returns the units to do, the keys
+    skipped, the rejected rows, and what the driver needs: clips, prompts, counts."""
+    inputs, done, outputs = tables[:counts[0]], tables[counts[0]:counts[0] + counts[1]], tables[sum(counts):]
+    existing = {row["relative"]: Entry(row["relative"], row["size"], row["identity"])
+                for table in outputs for row in table.to_pylist()}
+    planner = _Planner(context.cfg, context.spec, state.LatestRows(state.latest_per_unit(list(done))), existing,
+                       prompts, dry_run=context.dry_run)
+    entries = [Entry(row["relative"], row["size"], row["identity"]) for table in inputs for row in table.to_pylist()]
+    images, videos, sequences = group_inputs(sorted(entries, key=lambda entry: entry.relative),
+                                             context.cfg.video.sequence_folders)
+    assert not videos, "videos are planned by the driver"
     for entry in images:
         planner.add_image(entry)
-    planner.add_videos(videos)
+    for sequence in sequences:
+        planner.add_sequence(sequence)
+    planned = planner.plan
+    side = {"clips": planned.clips, "stale_staging": planned.stale_staging, "todo": len(planned.todo),
+            "skipped": len(planned.skipped), "rejected": len(planned.rejected),
+            "prompts": _prompt_uses(planned.todo), "images": _images(planned.todo),
+            "frames": _frames(planned.todo, planned.clips)}
+    return (_todo_table(planned.todo), pa.table({"source_key": pa.array(planned.skipped, pa.string())}),
+            manifest.to_table(planned.rejected), side)
+
+
+def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None) -> Plan:
+    """The run's plan, made as distributed work where Ray is up (``in_tasks`` None: whenever Ray is initialised):
+    listing/inventory, unit state and output listing are split into buckets, each planned by a Ray task; the
+    driver plans only videos (indexed in Ray tasks) and keeps refs, counts and clips. A dry run writes nothing."""
+    in_tasks = ray.is_initialized() if in_tasks is None else in_tasks
+    runner = listing.Runner(in_tasks)
+    source, output = locations(cfg)
+    check_output_outside_input(cfg, source, output)
+    prompts = load_prompts(cfg)
+    sources = {"inputs": input_blocks(cfg, source, in_tasks=in_tasks),
+               "state": state.done_blocks(output, in_tasks=in_tasks),
+               "outputs": listing.list_blocks(output, exclude=[f"{manifest.MANIFEST_DIR}/**"], in_tasks=in_tasks)}
+    sizes = {kind: runner.rows(blocks) for kind, blocks in sources.items()}
+    buckets = max(1, -(-max(sizes.values()) // ROWS_PER_BUCKET))
+    split = {kind: [runner.submit(split_block, block, kind, buckets, cfg.video.sequence_folders,
+                                  num_returns=buckets + 1) for block in blocks]
+             for kind, blocks in sources.items()}
+    del sources  # each block is dropped once split
+    context, prompts_ref = runner.put(_Context(cfg, spec, dry_run)), runner.put(prompts)
+    results = []
+    for number in range(buckets):
+        tables = [parts[number] for kind in ("inputs", "state", "outputs") for parts in split[kind]]
+        results.append(runner.submit(plan_bucket, context, prompts_ref, (len(split["inputs"]), len(split["state"])),
+                                     *tables, num_returns=4))
+    to_driver = {kind: [runner.get(parts[buckets]) for parts in split[kind]] for kind in split}
+    del split
+    videos = [Entry(row["relative"], row["size"], row["identity"]) for table in to_driver["inputs"]
+              for row in table.to_pylist()]
+    planner = _Planner(cfg, spec, state.LatestRows(state.latest_per_unit(to_driver["state"])),
+                       {row["relative"]: Entry(row["relative"], row["size"], row["identity"])
+                        for table in to_driver["outputs"] for row in table.to_pylist()},
+                       prompts, dry_run=dry_run, in_tasks=in_tasks)
+    planner.add_videos(sorted(videos, key=lambda entry: entry.relative))
     stats = planner.plan.video_indexing
     if stats and stats.videos:
         log.info("indexed %d video(s) in %.1f s (%s): %d read, %d kept indexes reused, %d failed", stats.videos,
                  stats.seconds, f"{stats.tasks} Ray tasks" if stats.tasks else "on the driver", stats.indexed,
                  stats.cached, stats.failed)
     planner.sweep_orphaned_staging(videos)
-    planner.plan.stale_staging += video_index.stale_entries(planner.output, [_video_source(e) for e in videos])
-    for sequence in sequences:
-        planner.add_sequence(sequence)
-    return planner.plan
+    planned = planner.plan
+    planned.stale_staging += video_index.stale_entries(output, [_video_source(entry) for entry in videos])
+
+    # Video segments first: a film's long tail of work starts while photos keep the other actors busy.
+    plan = Plan(spec=spec, todo=Rows([runner.put(_todo_table(planned.todo))] if planned.todo else [],
+                                     len(planned.todo)),
+                skipped=Rows([pa.table({"source_key": pa.array(planned.skipped, pa.string())})], len(planned.skipped),
+                             "source_key"),
+                rejected=Rows([runner.put(manifest.to_table(planned.rejected))] if planned.rejected else [],
+                              len(planned.rejected)),
+                clips=dict(planned.clips), stale_staging=planned.stale_staging,
+                video_indexing=planned.video_indexing, prompt_uses=_prompt_uses(planned.todo),
+                todo_images=_images(planned.todo), todo_frames=_frames(planned.todo, planned.clips))
+    for todo_block, skipped_block, rejected_block, side in results:
+        side = runner.get(side)
+        for rows, block, number in ((plan.todo, todo_block, side["todo"]), (plan.skipped, skipped_block,
+                                     side["skipped"]), (plan.rejected, rejected_block, side["rejected"])):
+            if number:
+                rows.blocks.append(block)
+                rows.count += number
+        plan.clips.update(side["clips"])
+        plan.stale_staging += side["stale_staging"]
+        plan.prompt_uses.update(side["prompts"])
+        plan.todo_images += side["images"]
+        plan.todo_frames += side["frames"]
+    log.info("planned %d bucket(s) of up to %d inputs, %d unit rows, %d outputs (%s)", buckets, sizes["inputs"],
+             sizes["state"], sizes["outputs"], "Ray tasks" if in_tasks else "on the driver")
+    return plan
 
 
 # -- dry run -------------------------------------------------------------------------------------------------------

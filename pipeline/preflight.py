@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import listing
 from .config import ConfigError, JobConfig
 from .manifest import MANIFEST_DIR
 from .storage import Location, glob_matcher, service_error, with_retries
@@ -74,6 +75,9 @@ def check(cfg: JobConfig) -> None:
     source, output = locations(cfg)
     check_output_outside_input(cfg, source, output)
     _check_source(source, absent_ok=cfg.input.example_catalog)
+    if cfg.input.inventory:  # its manifest readable, of the input's bucket, with the fields planning needs
+        inventory = listing.read_manifest(cfg.input.inventory, source.storage_options)
+        listing.check_bucket(inventory, source)
     _check_output(output)
 
 

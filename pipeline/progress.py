@@ -41,17 +41,6 @@ class FrameCounter:
         return self.frames
 
 
-def frames_to_do(plan: Plan) -> int:
-    """Output frames of the segments this run upscales (at field rate two per source frame)."""
-    total = 0
-    for row in plan.todo:
-        if row["unit"] == "segment":
-            clip = plan.clips[row["source_key"]]
-            per_frame = clip.index.frames // clip.row["frames_in"] if clip.index and clip.row["frames_in"] else 1
-            total += (row["frame_stop"] - row["frame_start"]) * per_frame
-    return total
-
-
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -66,9 +55,9 @@ class Progress:
 
     def __init__(self, plan: Plan, interval: float, metrics: RunMetrics, counter: Any = None):
         self.interval, self.metrics, self.counter = interval, metrics, counter
-        self.images = sum(row["unit"] == "image" for row in plan.todo)
+        self.images = plan.todo_images  # counted by planning: the to-do units stay in the object store
         self.total = self.images + len(plan.clips) + len(plan.rejected)
-        self.frames_total = frames_to_do(plan)
+        self.frames_total = plan.todo_frames
         self.frames = self.frames_of_segments = 0  # the actors' count; the finished segments' (exact, later)
         self.ok, self.failed = 0, len(plan.rejected)
         self.images_done = 0

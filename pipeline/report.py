@@ -16,17 +16,21 @@ import base64
 import datetime as dt
 import html
 import io
+import heapq
 import json
 import logging
 import re
-import statistics
-from collections import Counter, defaultdict
-from typing import Any
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
-from . import media
+from . import manifest, media
 from .config import JobConfig
 from .media import video
 from .manifest import MANIFEST_DIR
@@ -50,47 +54,150 @@ def report_key(run_id: str) -> str:
     return f"{MANIFEST_DIR}/run={run_id}/{REPORT_NAME}"
 
 
-def write_report(cfg: JobConfig, summary: dict[str, Any], rows: list[dict[str, Any]]) -> str | None:
-    """Render and commit the run's report; returns its URI. Never fails the run: the outputs and manifests are
-    committed already, so a report that cannot be made is logged and skipped."""
+def write_report(cfg: JobConfig, summary: dict[str, Any]) -> str | None:
+    """Render and commit the run's report from its committed manifest; returns its URI. Never fails the run: the
+    outputs and manifests are committed already, so a report that cannot be made is logged and skipped."""
     try:
         source, output = locations(cfg)
-        pairs = [pair for row in sample_pairs(rows) if (pair := _photo_pair(source, output, row, cfg)) is not None]
-        clips = [{**clip, "seconds": clip_seconds(rows, row)} for row in sample_clips(rows)
+        files = manifest.list_runs(output).get(summary["run_id"])
+        digest = RunDigest.of_files(output, files.rows_from if files else [], summary)
+        pairs = [pair for row in digest.pairs if (pair := _photo_pair(source, output, row, cfg)) is not None]
+        clips = [{**clip, "seconds": digest.clip_seconds(row)} for row in digest.clips
                  if (clip := _clip_frames(source, output, row, cfg)) is not None]
         key = report_key(summary["run_id"])
-        output.write_atomic(key, render(summary, rows, pairs, cfg, clips).encode())
+        output.write_atomic(key, render(summary, digest, pairs, cfg, clips).encode())
         return output.url(key)
     except Exception:  # noqa: BLE001
         log.warning("could not write the run report", exc_info=True)
         return None
 
 
-def sample_pairs(rows: list[dict[str, Any]], count: int = PAIRS) -> list[dict[str, Any]]:
-    """Up to ``count`` ok rows with image outputs, spread evenly over the sorted source keys (deterministic)."""
-    images = sorted((row for row in rows if row["status"] == "ok" and row.get("unit") in (None, "image")
-                     and row.get("output_key") and media.kind_of(row["output_key"]) == media.IMAGE),
-                    key=lambda row: row["source_key"])
-    if len(images) <= count:
-        return images
-    return [images[round(i * (len(images) - 1) / (count - 1))] for i in range(count)]
+def _sample(rows: Iterable[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The ``count`` rows whose source keys hash lowest, sorted by key: a sample spread over the catalog that the
+    same rows always give, whatever their order (rows are streamed, never all held)."""
+    ranked = heapq.nsmallest(count, rows, key=lambda row: (zlib.crc32(row["source_key"].encode()), row["source_key"]))
+    return sorted(ranked, key=lambda row: row["source_key"])
 
 
-def sample_clips(rows: list[dict[str, Any]], count: int = CLIPS) -> list[dict[str, Any]]:
-    """Up to ``count`` finished videos and frame sequences, spread evenly over their sorted keys."""
-    clips = sorted((row for row in rows if row["status"] == "ok" and row.get("unit") in CLIP_UNITS),
-                   key=lambda row: row["source_key"])
-    if len(clips) <= count:
-        return clips
-    return [clips[round(i * (len(clips) - 1) / (count - 1))] for i in range(count)]
+def sample_pairs(rows: Iterable[dict[str, Any]], count: int = PAIRS) -> list[dict[str, Any]]:
+    """Up to ``count`` ok rows with image outputs (``_sample``)."""
+    return _sample((row for row in rows if row["status"] == "ok" and row.get("unit") in (None, "image")
+                    and row.get("output_key") and media.kind_of(row["output_key"]) == media.IMAGE), count)
 
 
-def clip_seconds(rows: list[dict[str, Any]], clip: dict[str, Any]) -> float | None:
-    """A clip's wall time in this run: from its first segment's start to the clip's commit (None when all its
-    segments were done by earlier runs)."""
-    starts = [row["started_at"] for row in rows if row.get("unit") == "segment"
-              and row["source_key"] == clip["source_key"] and row.get("started_at")]
-    return (clip["finished_at"] - min(starts)).total_seconds() if starts and clip.get("finished_at") else None
+def sample_clips(rows: Iterable[dict[str, Any]], count: int = CLIPS) -> list[dict[str, Any]]:
+    """Up to ``count`` finished videos and frame sequences (``_sample``)."""
+    return _sample((row for row in rows if row["status"] == "ok" and row.get("unit") in CLIP_UNITS), count)
+
+
+# Manifest columns the report reads (two streamed passes over the run's committed file).
+REPORT_COLUMNS = ["unit", "status", "error_type", "error_message", "source_key", "output_key", "started_at",
+                  "finished_at", "seconds", "width", "height", "out_width", "out_height", "frames_in", "frames_out",
+                  "flicker", "codec", "processing"]
+_SECONDS_BINS = np.logspace(-4, 6, 20_001)  # per-unit seconds, 0.12 % wide bins: a median without keeping them all
+
+
+@dataclass
+class RunDigest:
+    """What the report shows of a run's rows — counts, throughput bars, failure examples, the photos and clips
+    sampled for sliders, each clip's first segment start, the spread of per-unit seconds — gathered from the
+    manifest a batch at a time: bounded by the report and the run's clips, not by its rows."""
+
+    processed: int = 0  # units of work this run processed (a clip counts through its segments)
+    bars: list[Counter] = field(default_factory=list)  # units finished per time slice (ok / failed)
+    slice_s: float = 1.0
+    span_s: float = 0.0
+    failures: dict[str, list] = field(default_factory=dict)  # error type -> [count, its first examples by key]
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    clips: list[dict[str, Any]] = field(default_factory=list)
+    clip_frames: int = 0  # frames out of the clips finished in this run
+    clips_finished: int = 0
+    segment_starts: dict[str, dt.datetime] = field(default_factory=dict)  # clip key -> its first segment's start
+    seconds: np.ndarray = field(default_factory=lambda: np.zeros(len(_SECONDS_BINS) + 1, np.int64))
+    slowest: float | None = None
+
+    @classmethod
+    def of_files(cls, output: Location, keys: list[str], summary: dict[str, Any]) -> "RunDigest":
+        digest, first, last = cls(), None, None
+        for batch in manifest.iter_batches(output, keys, REPORT_COLUMNS):
+            table = pa.Table.from_batches([batch])
+            digest._add_failures(table)
+            ok = table.filter(pc.equal(table["status"], "ok").fill_null(False)).to_pylist()
+            digest.pairs = sample_pairs(digest.pairs + ok, PAIRS)
+            finished = [row for row in ok if row.get("unit") in CLIP_UNITS]
+            digest.clips = sample_clips(digest.clips + finished, CLIPS)
+            digest.clips_finished += len(finished)
+            digest.clip_frames += sum(row.get("frames_out") or 0 for row in finished)
+            segments = table.filter(pc.and_(pc.equal(table["unit"], "segment").fill_null(False),
+                                            table["started_at"].is_valid()))
+            if segments.num_rows:
+                for row in segments.group_by("source_key").aggregate([("started_at", "min")]).to_pylist():
+                    known = digest.segment_starts.get(row["source_key"])
+                    digest.segment_starts[row["source_key"]] = min(filter(None, [known, row["started_at_min"]]))
+            done = table.filter(_processed(table))
+            if not done.num_rows:
+                continue
+            digest.processed += done.num_rows
+            times = pa.concat_arrays([done["started_at"].combine_chunks(), done["finished_at"].combine_chunks()])
+            first = min(filter(None, [first, pc.min(times).as_py()]))
+            last = max(filter(None, [last, pc.max(done["finished_at"]).as_py()]))
+            seconds = done["seconds"].drop_null().to_numpy()
+            if len(seconds):
+                digest.seconds += np.bincount(np.searchsorted(_SECONDS_BINS, seconds), minlength=len(digest.seconds))
+                digest.slowest = max(digest.slowest or 0.0, float(seconds.max()))
+        if digest.processed:
+            if summary.get("started_at"):  # the chart spans the run's whole wall time, planning included
+                first = min(first, dt.datetime.fromisoformat(summary["started_at"]))
+            span = max(1.0, summary.get("seconds") or 0.0, (last - first).total_seconds())
+            digest._add_bars(output, keys, first, span)
+        return digest
+
+    def clip_seconds(self, clip: dict[str, Any]) -> float | None:
+        """A clip's wall time in this run: from its first segment's start to the clip's commit (None when all its
+        segments were done by earlier runs)."""
+        start = self.segment_starts.get(clip["source_key"])
+        return (clip["finished_at"] - start).total_seconds() if start and clip.get("finished_at") else None
+
+    def _add_failures(self, table: pa.Table) -> None:
+        failed = table.filter(pc.equal(table["status"], "failed").fill_null(False))
+        if not failed.num_rows:
+            return
+        failed = failed.set_column(failed.schema.get_field_index("error_type"), "error_type",
+                                   pc.fill_null(failed["error_type"], "unknown"))
+        for error_type in failed["error_type"].unique().to_pylist():
+            rows = failed.filter(pc.equal(failed["error_type"], error_type)).sort_by("source_key")
+            entry = self.failures.setdefault(error_type, [0, []])
+            entry[0] += rows.num_rows
+            examples = entry[1] + rows.slice(0, EXAMPLES).select(["source_key", "error_message"]).to_pylist()
+            entry[1] = sorted(examples, key=lambda row: row["source_key"])[:EXAMPLES]
+
+    def _add_bars(self, output: Location, keys: list[str], first: dt.datetime, span: float) -> None:
+        count = max(1, min(BUCKETS, self.processed))
+        self.span_s, self.slice_s = span, span / count
+        self.bars = [Counter() for _ in range(count)]
+        for batch in manifest.iter_batches(output, keys, ["unit", "status", "finished_at"]):
+            done = pa.Table.from_batches([batch]).filter(_processed(batch))
+            since = pc.subtract(done["finished_at"], pa.scalar(first, done["finished_at"].type))
+            slots = np.minimum(count - 1, (pc.cast(since, pa.int64()).to_numpy() / 1e6 / self.slice_s)
+                               .astype(np.int64))
+            failed = pc.equal(done["status"], "failed").to_numpy(zero_copy_only=False)
+            for status, mask in (("failed", failed), ("ok", ~failed)):
+                for slot, number in zip(*np.unique(slots[mask], return_counts=True)):
+                    self.bars[slot][status] += int(number)
+
+    def median_seconds(self) -> float | None:
+        total = self.seconds.sum()
+        if not total:
+            return None
+        slot = int(np.searchsorted(np.cumsum(self.seconds), (total + 1) / 2))
+        edges = np.concatenate([[0.0], _SECONDS_BINS, [self.slowest or _SECONDS_BINS[-1]]])
+        return float(np.sqrt(edges[slot] * edges[slot + 1])) if edges[slot] > 0 else float(edges[slot + 1]) / 2
+
+
+def _processed(table: pa.Table | pa.RecordBatch) -> pa.Array:
+    """Units of work this run processed (not skipped); a clip counts through its segments, not its own row."""
+    return pc.and_(pc.and_(pc.not_equal(table["status"], "skipped").fill_null(True), table["finished_at"].is_valid()),
+                   pc.invert(pc.is_in(table["unit"], pa.array(CLIP_UNITS))))
 
 
 def _rgb(data: bytes, name: str, max_pixels: int) -> Image.Image:
@@ -187,30 +294,12 @@ def _pair(before: Image.Image, after: Image.Image) -> dict[str, Any]:
     }
 
 
-def _processed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Units of work this run processed (not skipped); a clip counts through its segments, not its own row."""
-    return [row for row in rows if row["status"] != "skipped" and row.get("finished_at")
-            and row.get("unit") not in CLIP_UNITS]
-
-
-def _throughput_svg(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+def _throughput_svg(digest: RunDigest) -> str:
     """Bars of units finished per minute over the run's whole wall time, from its start to its end (planning and
     finishing included; failed stacked on the rest), as inline SVG."""
-    done = _processed(rows)
-    if not done:
+    if not digest.processed:
         return "<p class=muted>Nothing was processed in this run.</p>"
-    starts = [row["started_at"] for row in done if row.get("started_at")]
-    t0 = min(starts + [row["finished_at"] for row in done])
-    if summary.get("started_at"):
-        t0 = min(t0, dt.datetime.fromisoformat(summary["started_at"]))
-    offsets = [((row["finished_at"] - t0).total_seconds(), "failed" if row["status"] == "failed" else "ok")
-               for row in done]
-    span = max(1.0, summary.get("seconds") or 0.0, max(offset for offset, _ in offsets))
-    count = max(1, min(BUCKETS, len(done)))
-    width = span / count
-    bars: list[Counter] = [Counter() for _ in range(count)]
-    for offset, status in offsets:
-        bars[min(count - 1, int(offset / width))][status] += 1
+    bars, width, span, count = digest.bars, digest.slice_s, digest.span_s, len(digest.bars)
     per_minute = 60 / width
     peak = max(sum(bar.values()) for bar in bars) * per_minute
     w, h, left, bottom, top = 720, 220, 56, 28, 12
@@ -242,21 +331,17 @@ def _throughput_svg(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _failures(rows: list[dict[str, Any]]) -> str:
-    failed: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["status"] == "failed":
-            failed[row.get("error_type") or "unknown"].append(row)
-    if not failed:
+def _failures(digest: RunDigest) -> str:
+    if not digest.failures:
         return "<p class=muted>No failures.</p>"
     out = ["<table><thead><tr><th>error type</th><th>inputs</th><th>examples</th></tr></thead><tbody>"]
-    for error_type, items in sorted(failed.items(), key=lambda item: (-len(item[1]), item[0])):
-        examples = "".join(
+    for error_type, (count, examples) in sorted(digest.failures.items(), key=lambda item: (-item[1][0], item[0])):
+        items = "".join(
             f"<li><code>{html.escape(row['source_key'])}</code> — {html.escape((row.get('error_message') or '')[:300])}"
-            "</li>" for row in sorted(items, key=lambda row: row["source_key"])[:EXAMPLES])
-        more = f"<li class=muted>and {len(items) - EXAMPLES} more</li>" if len(items) > EXAMPLES else ""
-        out.append(f"<tr><td><code>{html.escape(error_type)}</code></td><td class=num>{len(items)}</td>"
-                   f"<td><ul>{examples}{more}</ul></td></tr>")
+            "</li>" for row in examples)
+        more = f"<li class=muted>and {count - EXAMPLES} more</li>" if count > EXAMPLES else ""
+        out.append(f"<tr><td><code>{html.escape(error_type)}</code></td><td class=num>{count}</td>"
+                   f"<td><ul>{items}{more}</ul></td></tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -377,17 +462,15 @@ table.facts{width:auto;margin:0 0 10px}table.facts th{font-weight:normal;color:#
 """
 
 
-def render(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[dict[str, Any]],
-           cfg: JobConfig, clips: list[dict[str, Any]] | None = None) -> str:
-    seconds = [row["seconds"] for row in _processed(rows) if row.get("seconds") is not None]
-    timing = (f"median {statistics.median(seconds):.2f} s, slowest {max(seconds):.2f} s per unit of work"
-              if seconds else "")
-    finished_clips = [row for row in rows if row.get("unit") in CLIP_UNITS and row["status"] == "ok"]
+def render(summary: dict[str, Any], digest: RunDigest, pairs: list[dict[str, Any]], cfg: JobConfig,
+           clips: list[dict[str, Any]] | None = None) -> str:
+    median = digest.median_seconds()
+    timing = f"median {median:.2f} s, slowest {digest.slowest:.2f} s per unit of work" if median is not None else ""
     cards = [("", summary["inputs"], "inputs"), ("ok", summary["ok"], "ok"), ("failed", summary["failed"], "failed"),
              ("", summary["skipped"], "skipped (already done)"), ("", f"{summary['seconds']:.1f} s", "wall time"),
              ("", summary.get("items_per_min") or 0, "inputs / min")]
-    if finished_clips:
-        cards += [("", sum(row.get("frames_out") or 0 for row in finished_clips), "frames (videos, sequences)"),
+    if digest.clips_finished:
+        cards += [("", digest.clip_frames, "frames (videos, sequences)"),
                   ("", summary.get("frames_per_min") or 0, "frames / min")]
     cards_html = "".join(f'<div class="card {css}"><b>{html.escape(str(value))}</b>{label}</div>'
                          for css, value, label in cards)
@@ -403,9 +486,9 @@ def render(summary: dict[str, Any], rows: list[dict[str, Any]], pairs: list[dict
 <div class=cards>{cards_html}</div>
 <div class=muted>{timing}</div>
 <h2>Throughput over the run</h2>
-{_throughput_svg(rows, summary)}
+{_throughput_svg(digest)}
 <h2>Failures by type</h2>
-{_failures(rows)}
+{_failures(digest)}
 <h2>Photos: before / after</h2>
 <p class=muted>A crop of each output at full resolution against the same region of its source, enlarged without
 smoothing; drag the slider. The small picture shows where the crop lies.</p>

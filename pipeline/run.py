@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 import urllib.parse
@@ -17,7 +16,7 @@ from typing import Any
 
 import ray
 
-from . import captions, manifest, preflight, report, state
+from . import captions, listing, manifest, preflight, report, state
 from .config import JobConfig
 from .engine import engine_run_settings, resolve_settings
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
@@ -50,7 +49,11 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
     # Ray Data fails a dataset that moves no block for 30 minutes; one batch of film segments on one GPU (or a
     # large photo on a CPU) legitimately takes longer, and a stuck actor is Ray's to restart, not a job failure.
     ray.data.DataContext.get_current().execution_no_progress_timeout_s = -1
-    pending = ray.data.from_items(plan.todo, override_num_blocks=max(1, math.ceil(len(plan.todo) / batch_size)))
+    # The planning tasks' blocks, never the driver's rows: split into a batch per block as they stream, so the
+    # read stage spreads over many tasks.
+    pending = ray.data.from_arrow_refs([block if listing.is_block_ref(block) else ray.put(block)
+                                        for block in plan.todo.blocks]
+                                       ).repartition(target_num_rows_per_block=batch_size)
     fetched = pending.map_batches(
         read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
         batch_size=batch_size,
@@ -82,46 +85,45 @@ def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
 
 
 def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
-    """Run the plan on Ray Data, finish its clips, commit the manifests and the run summary; returns the summary."""
+    """Run the plan on Ray Data, finish its clips, commit the manifests and the run summary; returns the summary.
+
+    The driver holds what is in flight: each finished batch is counted (progress, per-clip tallies, the engines'
+    own settings) and dropped — its rows are in its manifest part already. The summary, the runs index and the
+    report are computed from the committed manifest."""
     _, output = locations(cfg)
     started, started_at = time.monotonic(), manifest.utcnow()
     captions.caption_clips(plan, cfg)  # one caption per clip, before its segments stream (may reject a clip)
-    rows = list(plan.rejected)
-    manifest.write_part(output, plan.run_id, rows)
+    for block in plan.rejected.blocks:  # one part per planning bucket, like a batch's
+        manifest.write_part(output, plan.run_id, listing.fetch(block).to_pylist())
     remove_staged(output, plan.stale_staging)
     clips = ClipFinisher(plan, cfg)
+    engine_settings: set[str] = set()
     counter = FrameCounter.remote() if plan.clips and plan.todo else None
     with Progress(plan, cfg.run.progress_interval_s, RunMetrics(cfg, plan.settings), counter) as progress:
-        counted = 0  # clips finished so far (some, staged by earlier runs, at once)
-
-        def count_finished_clips() -> None:
-            nonlocal counted
-            progress.add(clips.finished[counted:])
-            counted = len(clips.finished)
-
-        count_finished_clips()
+        progress.add(clips.drain_finished())  # clips staged whole by earlier runs are finished at once
         if plan.todo:
             dataset = build_dataset(plan, cfg, captions.shared_prompt_embeddings(plan, cfg), counter)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                done = batch.to_pylist()
-                rows.extend(done)
+                engine_settings.update(batch["engine_settings"].unique().drop_null().to_pylist())
+                done = batch.drop_columns(["engine_settings"]).to_pylist()
                 progress.add(done)
                 clips.add(done)
-                count_finished_clips()
+                progress.add(clips.drain_finished())
         clips.wait()
-        count_finished_clips()
+        progress.add(clips.drain_finished())
         if plan.todo or plan.clips:
             log.info(progress.line())
-    rows.extend(clips.finished)
     manifest.commit_run(output, plan.run_id)  # the run's rows become visible at once, in one file
     state.fold(output)
-    summary = manifest.summarize(rows, run_id=plan.run_id, seconds=time.monotonic() - started,
+    run_files = manifest.list_runs(output).get(plan.run_id)
+    tally = manifest.Tally.of_files(output, run_files.rows_from if run_files else [])
+    chosen = engine_run_settings([{"engine_settings": text} for text in sorted(engine_settings)])
+    summary = manifest.summarize(tally, run_id=plan.run_id, seconds=time.monotonic() - started,
                                  fingerprint=plan.fingerprint, skipped=len(plan.skipped),
-                                 extra={"settings": {**plan.settings, **engine_run_settings(rows)},
-                                        "video": plan.spec.video,
+                                 extra={"settings": {**plan.settings, **chosen}, "video": plan.spec.video,
                                         "output_uri": cfg.output.uri, "started_at": started_at.isoformat(),
                                         "finished_at": manifest.utcnow().isoformat()})
-    summary["report_uri"] = report.write_report(cfg, summary, rows)
+    summary["report_uri"] = report.write_report(cfg, summary)
     summary["summary_uri"] = manifest.write_summary(output, plan.run_id, summary)
     state.record_run(output, summary, started_at=started_at, finished_at=manifest.utcnow(),
                      exit_code=state.exit_code_of(summary))
@@ -182,7 +184,7 @@ def _dry_run(plan: Plan, cfg: JobConfig) -> int:
         print(f"process {row['source_key']} -> {row['output_key']}  {size}  tiles={item['tiles']}")
     for key, clip in plan.clips.items():
         row = clip.row
-        todo = len(clip.segment_keys) - len(clip.staged)
+        todo = len(clip.segment_keys) - clip.tally.staged
         size = f"{row['width']}x{row['height']}" if row["width"] else "?"
         print(f"process {key} -> {row['output_key']}  {row['unit']} {size}  frames={row['frames_in']} "
               f"segments={len(clip.segment_keys)} ({todo} to do)  tiles={clip_tiles.get(key, 0)}")

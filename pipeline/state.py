@@ -14,19 +14,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import re
 import time
+import zlib
 from typing import Any, Iterator, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import manifest
+from . import listing, manifest
 from .outcome import EXIT_INPUTS_FAILED, EXIT_OK
 from .storage import Location, with_retries
 
@@ -139,6 +142,60 @@ class LatestRows(Mapping[str, dict[str, Any]]):
         return len(self._rows)
 
 
+STATE_ROW_GROUP = 250_000  # rows per row group of the state file: the unit of parallel reads
+
+
+def _state_layout(output: Location) -> tuple[set[str], int]:
+    """The runs folded into the state and its number of row groups, from the file's footer alone."""
+    def read() -> tuple[set[str], int]:
+        with output.fs.open(output.path(STATE_KEY), "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            return (set(json.loads((parquet.schema_arrow.metadata or {}).get(_FOLDED, b"[]"))),
+                    parquet.metadata.num_row_groups)
+
+    try:
+        return with_retries(read)
+    except FileNotFoundError:
+        return set(), 0
+
+
+def read_state_groups(output: Location, groups: list[int], columns: list[str]) -> pa.Table:
+    """Task: some row groups of the state file, its done rows only."""
+    def read() -> pa.Table:
+        with output.fs.open(output.path(STATE_KEY), "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            present = [name for name in columns or manifest.COLUMNS if name in parquet.schema_arrow.names]
+            return _conform(parquet.read_row_groups(groups, columns=present), columns or manifest.COLUMNS)
+
+    table = with_retries(read)
+    return _with_unit_keys(table.filter(pc.field("status").isin(["ok", "staged"])))
+
+
+def read_unfolded(output: Location, keys: list[str], columns: list[str]) -> pa.Table:
+    """Task: the done rows of a run not folded into the state yet."""
+    return _with_unit_keys(manifest.read_files(output, keys, columns, where=_DONE))
+
+
+def done_blocks(output: Location, *, in_tasks: bool, columns: list[str] | None = PLAN_COLUMNS,
+                unfolded: bool = True) -> list[Any]:
+    """What ``latest_done`` reads, as blocks (tables, or refs to tables read in Ray tasks): the state file's done
+    rows a few row groups per block, and each unfolded run's done rows. A unit may have rows in several blocks:
+    whoever joins them keeps its newest (``latest_per_unit``)."""
+    folded, groups = _state_layout(output)
+    reads = [(read_state_groups, (output, [group], columns)) for group in range(groups)]
+    if unfolded:
+        reads += [(read_unfolded, (output, files.rows_from, columns)) for files in _runs_to_read(output, folded)]
+    runner = listing.Runner(in_tasks)
+    return [runner.submit(function, *args) for function, args in reads]
+
+
+def latest_per_unit(tables: list[pa.Table], columns: list[str] = PLAN_COLUMNS) -> pa.Table:
+    """One row per unit of work, its newest, from blocks of ``done_blocks``."""
+    if not tables:
+        return manifest.SCHEMA.empty_table().select(columns)
+    return _latest_per_unit(pa.concat_tables(tables))
+
+
 def latest_done(output: Location) -> LatestRows:
     """For each unit of work, its most recent ``ok`` or ``staged`` row (what its output should currently hold):
     the state, updated with the rows of runs not folded into it yet."""
@@ -149,21 +206,62 @@ def latest_done(output: Location) -> LatestRows:
     return LatestRows(state)
 
 
-def fold(output: Location) -> list[str]:
+ROWS_PER_BUCKET = 100_000  # unit rows merged by one task while folding
+
+
+def _split_units(table: pa.Table, buckets: int) -> tuple[pa.Table, ...]:
+    """Task: a block's rows by bucket of their unit key."""
+    ids = np.fromiter((zlib.crc32(key.encode()) % buckets for key in table["unit_key"].to_pylist()), np.int64,
+                      count=table.num_rows)
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
+    return tuple(table.take(order[bounds[number]:bounds[number + 1]]) for number in range(buckets))
+
+
+def _latest_of(*tables: pa.Table) -> pa.Table:
+    """Task: one bucket's latest row per unit."""
+    return _latest_per_unit(pa.concat_tables(tables).replace_schema_metadata(None))
+
+
+def fold(output: Location, *, in_tasks: bool | None = None) -> list[str]:
     """Fold every committed run that the state lacks into it, in one atomic write; returns their ids.
 
     A run without its committed file (still running, or killed and not recovered) stays out: planning reads its
-    parts directly until it is committed."""
-    state, folded = read_state(output)
+    parts directly until it is committed. The state and the runs' rows are split by unit into buckets merged in Ray
+    tasks (where Ray is up); the driver streams the merged buckets into the new file one at a time."""
+    folded, _ = _state_layout(output)
     runs = [files for files in _runs_to_read(output, folded) if files.committed]
     if not runs:
         return []
-    for files in runs:
-        state = _merge(state, manifest.read_files(output, files.committed, where=_DONE))
+    runner = listing.Runner(ray_is_up() if in_tasks is None else in_tasks)
+    blocks = done_blocks(output, in_tasks=runner.in_tasks, columns=None, unfolded=False)
+    blocks += [runner.submit(read_unfolded, output, files.committed, None) for files in runs]
+    buckets = max(1, -(-runner.rows(blocks) // ROWS_PER_BUCKET))
+    if buckets == 1:
+        merged = [runner.submit(_latest_of, *blocks)]
+    else:
+        parts = [runner.submit(_split_units, block, buckets, num_returns=buckets) for block in blocks]
+        merged = [runner.submit(_latest_of, *[split[number] for split in parts]) for number in range(buckets)]
+    del blocks
     ids = sorted(folded | {files.run_id for files in runs})
-    state = state.replace_schema_metadata({_FOLDED: json.dumps(ids).encode()})
-    output.write_atomic(STATE_KEY, manifest.table_bytes(state))
+    schema = manifest.SCHEMA.with_metadata({_FOLDED: json.dumps(ids).encode()})
+    temp = output.temp_path(STATE_KEY)
+    try:
+        with pq.ParquetWriter(temp, schema) as writer:
+            for number in range(len(merged)):
+                writer.write_table(runner.get(merged[number]).cast(manifest.SCHEMA), row_group_size=STATE_ROW_GROUP)
+                merged[number] = None  # the bucket is written: let it go
+        output.commit_file(STATE_KEY, temp)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
     return [files.run_id for files in runs]
+
+
+def ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 # -- the runs index ------------------------------------------------------------------------------------------------
@@ -206,12 +304,13 @@ def _record_unrecorded(output: Location, files: manifest.RunFiles) -> None:
         record_run(output, summary, started_at=timestamps[0], finished_at=timestamps[1],
                    exit_code=exit_code_of(summary))
         return
-    rows = manifest.read_files(output, files.rows_from).to_pylist()
-    times = [row[name] for row in rows for name in ("started_at", "finished_at") if row[name] is not None]
-    started, finished = (min(times), max(times)) if times else (None, None)
-    summary = manifest.summarize(rows, run_id=files.run_id,
-                                 seconds=(finished - started).total_seconds() if times else 0.0,
-                                 fingerprint=next((row["config_fingerprint"] for row in rows), None))
+    tally = manifest.Tally.of_files(output, files.rows_from)  # streamed: a killed run may have millions of rows
+    started, finished = tally.started or tally.finished, tally.finished or tally.started
+    first = next(manifest.iter_batches(output, files.rows_from[:1], ["config_fingerprint"]), None)
+    summary = manifest.summarize(tally, run_id=files.run_id,
+                                 seconds=(finished - started).total_seconds() if started else 0.0,
+                                 fingerprint=first["config_fingerprint"][0].as_py() if first and first.num_rows
+                                 else None)
     record_run(output, summary, started_at=started, finished_at=finished, exit_code=None)
 
 
