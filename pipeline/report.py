@@ -93,7 +93,7 @@ def sample_clips(rows: Iterable[dict[str, Any]], count: int = CLIPS) -> list[dic
 # Manifest columns the report reads (two streamed passes over the run's committed file).
 REPORT_COLUMNS = ["unit", "status", "error_type", "error_message", "source_key", "output_key", "started_at",
                   "finished_at", "seconds", "width", "height", "out_width", "out_height", "frames_in", "frames_out",
-                  "flicker", "codec", "processing"]
+                  "flicker", "codec", "processing", "prompt", "caption_model"]
 _SECONDS_BINS = np.logspace(-4, 6, 20_001)  # per-unit seconds, 0.12 % wide bins: a median without keeping them all
 
 
@@ -113,6 +113,8 @@ class RunDigest:
     clip_frames: int = 0  # frames out of the clips finished in this run
     clips_finished: int = 0
     segment_starts: dict[str, dt.datetime] = field(default_factory=dict)  # clip key -> its first segment's start
+    prompted: list[dict[str, Any]] = field(default_factory=list)  # the first PROMPTS outputs with prompts, by key
+    prompted_count: int = 0
     seconds: np.ndarray = field(default_factory=lambda: np.zeros(len(_SECONDS_BINS) + 1, np.int64))
     slowest: float | None = None
 
@@ -128,6 +130,9 @@ class RunDigest:
             digest.clips = sample_clips(digest.clips + finished, CLIPS)
             digest.clips_finished += len(finished)
             digest.clip_frames += sum(row.get("frames_out") or 0 for row in finished)
+            prompted = [row for row in ok if row.get("unit") != "segment" and row.get("prompt")]
+            digest.prompted_count += len(prompted)
+            digest.prompted = heapq.nsmallest(PROMPTS, digest.prompted + prompted, key=lambda row: row["source_key"])
             segments = table.filter(pc.and_(pc.equal(table["unit"], "segment").fill_null(False),
                                             table["started_at"].is_valid()))
             if segments.num_rows:
@@ -391,21 +396,20 @@ def _prompt_line(row: dict[str, Any]) -> str:
     return f"<br><span class=prompt>prompt{source}: {html.escape(row['prompt'])}</span>"
 
 
-def _prompts_html(rows: list[dict[str, Any]]) -> str:
+def _prompts_html(digest: RunDigest) -> str:
     """Each output of the run with the prompt it was made with (photos and whole clips; at most ``PROMPTS``), or
     nothing where every output had the null prompt."""
-    prompted = sorted((row for row in rows if row["status"] == "ok" and row.get("unit") != "segment"
-                       and row.get("prompt")), key=lambda row: row["source_key"])
+    prompted = digest.prompted
     if not prompted:
         return ""  # all with the null prompt: nothing to show
     out = ["<h2>Prompts</h2><table><thead><tr><th>output</th><th>prompt</th></tr></thead><tbody>"]
-    for row in prompted[:PROMPTS]:
+    for row in prompted:
         caption = (f"<br><span class=muted>caption by <code>{html.escape(row['caption_model'])}</code></span>"
                    if row.get("caption_model") else "")
         out.append(f"<tr><td>{_keys(row)}</td><td>{html.escape(row['prompt'])}{caption}</td></tr>")
     out.append("</tbody></table>")
-    if len(prompted) > PROMPTS:
-        out.append(f"<p class=muted>and {len(prompted) - PROMPTS} more: the manifests' <code>prompt</code> "
+    if digest.prompted_count > len(prompted):
+        out.append(f"<p class=muted>and {digest.prompted_count - len(prompted)} more: the manifests' <code>prompt</code> "
                    "column has every one.</p>")
     return "".join(out)
 
@@ -495,7 +499,7 @@ smoothing; drag the slider. The small picture shows where the crop lies.</p>
 {_pairs_html(pairs)}
 <h2>Videos and frame sequences</h2>
 {_clips_html(clips or [])}
-{_prompts_html(rows)}
+{_prompts_html(digest)}
 <details><summary>Settings (what the config fingerprint covers)</summary><pre>{html.escape(settings)}</pre></details>
 </body></html>
 """
