@@ -376,4 +376,7 @@ def format_summary(summary: dict[str, Any]) -> str:
              f"({summary['items_per_min'] or 0:.1f} items/min)"]
     for error_type, count in sorted(summary["failures_by_type"].items()):
         lines.append(f"  failed {error_type}: {count}")
+    if "captions" in summary:
+        lines.append(f"  captions: {summary['captions']['generated']} generated, {summary['captions']['reused']} "
+                     "reused from earlier runs")
     return "\n".join(lines)

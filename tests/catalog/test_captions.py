@@ -131,8 +131,8 @@ def test_photos_are_captioned_on_the_cluster_cached_and_recorded(ray_local, tiny
                          "where caption is not null order by source_key").fetchall()
     assert queried == sorted((key, compose_prompt(caption, added)) for key, caption in expected.items())
 
+    assert "  captions: 3 generated, 0 reused from earlier runs" in capsys.readouterr().out
     config["upscale"]["seed"] = 2  # changes every output, not a caption
-    capsys.readouterr()
     assert run_job(validate_config(config), dry_run=True) == EXIT_OK
     printed = capsys.readouterr().out
     assert "dry run: 4 to process, 0 to skip, 0 rejected;" in printed and "; 0 captions to generate" in printed
@@ -143,6 +143,7 @@ def test_photos_are_captioned_on_the_cluster_cached_and_recorded(ray_local, tiny
     assert (second.caption_run_id[list(expected)] == run_id).all()  # made by the first run, not redone
     assert second.prompt.to_dict() == first.prompt.to_dict()
     assert _summary(tmp_path / "out", second.run_id.iloc[0])["captions"] == {"generated": 0, "reused": 3}
+    assert "  captions: 0 generated, 3 reused from earlier runs" in capsys.readouterr().out
 
 
 @pytest.mark.slow
