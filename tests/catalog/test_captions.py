@@ -10,6 +10,7 @@ import pathlib
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from support.catalog import image_bytes, job_config, manifests, small_catalog, write_catalog
 
@@ -215,7 +216,8 @@ def test_a_clip_resumed_after_its_first_segments_keeps_their_caption(ray_local, 
     plan = prepare(cfg)
     captions.caption_clips(plan, cfg)
     segments = [row for row in plan.todo if row["unit"] == "segment"]
-    plan.todo = segments[:1]  # the run "stops" after one segment: its clip stays unassembled
+    # the run "stops" after one segment: its clip stays unassembled
+    plan.todo = planning.Rows([pa.Table.from_pylist(segments[:1], schema=planning.TODO_SCHEMA)], 1)
     execute(plan, cfg)
     staged = manifests(tmp_path / "out")
     assert list(staged.unit) == ["segment"] and staged.caption.notna().all()
