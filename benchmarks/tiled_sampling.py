@@ -9,8 +9,8 @@ classifier-free guidance; the transformer weights are the same (ours with its LR
 ``pipeline_dit4sr.py``: every step it rebuilds the Gaussian tile weights element by element in Python, walks the
 tile grid, calls the transformer once per tile (the unconditional and conditional halves as a batch of two),
 stitches the predictions with a running ``contributors`` sum, divides, then applies guidance. Ours
-(``DiT4SRPipeline._denoise``): weights normalised once, all tiles of the latent batched into few calls,
-guidance per batch, blending by one ``addcmul`` per tile.
+(``DiT4SRPipeline``'s denoising loop, run through a call with ``output_type="latent"``): weights normalised once,
+all tiles of the latent batched into few calls, guidance per batch, blending by one ``addcmul`` per tile.
 
 Prints the final-latent max difference and ``speedup=<x>`` (median official time / median ours, the two run
 alternately so drifting machine load hits both alike).
@@ -28,7 +28,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from dit4sr import DiT4SRPipeline, DiT4SRTransformer2DModel, PixelUnshuffleAutoencoder
-from dit4sr.tiling import plan_tiles, whole_image_noise
+from dit4sr.tiling import whole_image_noise
 
 MID_SIZE = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
                 num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256,
@@ -88,12 +88,22 @@ def official_loop(transformer, scheduler, noise, lr_latent, cond, uncond, steps,
     return latents
 
 
-def our_loop(pipe, noise, lr_latent, cond, uncond, steps, guidance, tile, overlap):
-    grid = plan_tiles(lr_latent.shape[-2], lr_latent.shape[-1], tile, overlap,
-                      multiple=pipe.transformer.config.patch_size)
-    settings = pipe.effective_settings(num_inference_steps=steps, guidance_scale=guidance, tile_size=tile,
-                                       tile_overlap=overlap)
-    return pipe._denoise(lr_latent, grid, settings, cond, uncond, noise, show_progress=False)
+def our_loop(pipe, image, noise, cond, uncond, steps, guidance, tile, overlap):
+    """The pipeline's own call on ``image`` (at the working size: ``upscale=1``, no short-side raise) from
+    ``noise``, stopping at the sampled latents."""
+    return pipe(image, upscale=1, process_size=0, latents=noise, num_inference_steps=steps, guidance_scale=guidance,
+                tile_size=tile, tile_overlap=overlap, prompt_embeds=cond[0], pooled_prompt_embeds=cond[1],
+                negative_prompt_embeds=uncond[0], negative_pooled_prompt_embeds=uncond[1], output_type="latent",
+                show_progress=False).images
+
+
+def lr_latents_of(pipe, image):
+    """The LR latents a call conditions on (read by a step callback in a one-step call)."""
+    seen = []
+    pipe(image, upscale=1, process_size=0, num_inference_steps=1, guidance_scale=1.0, output_type="latent",
+         show_progress=False, callback_on_step_end=lambda pipe, step, t, tensors: seen.append(tensors["lr_latents"]),
+         callback_on_step_end_tensor_inputs=["lr_latents"])
+    return seen[0]
 
 
 def main() -> None:
@@ -118,7 +128,9 @@ def main() -> None:
 
     side = args.latent
     g = torch.Generator().manual_seed(1)
-    lr_latent = torch.randn(1, MID_SIZE["in_channels"], side, side, generator=g)
+    pixels = side * pipe.vae_scale_factor
+    image = torch.rand(pixels, pixels, 3, generator=g).numpy()
+    lr_latent = lr_latents_of(pipe, image)
     cond = (torch.randn(1, args.text_tokens, MID_SIZE["joint_attention_dim"], generator=g),
             torch.randn(1, MID_SIZE["pooled_projection_dim"], generator=g))
     uncond = (torch.randn(1, args.text_tokens, MID_SIZE["joint_attention_dim"], generator=g),
@@ -129,7 +141,7 @@ def main() -> None:
     runs = {"official": lambda: official_loop(official, FlowMatchEulerDiscreteScheduler(shift=3.0), noise,
                                               lr_latent, cond, uncond, args.steps, args.guidance, args.tile,
                                               args.overlap),
-            "ours": lambda: our_loop(pipe, noise, lr_latent, cond, uncond, args.steps, args.guidance, args.tile,
+            "ours": lambda: our_loop(pipe, image, noise, cond, uncond, args.steps, args.guidance, args.tile,
                                      args.overlap)}
     times: dict[str, list[float]] = {name: [] for name in runs}
     results = {}

@@ -1,5 +1,7 @@
-"""DiT4SR: diffusion-transformer super-resolution (ICCV 2025), diffusers-style. No buckets; Ray only inside the
-optional distributed training.
+"""DiT4SR: diffusion-transformer super-resolution (ICCV 2025), diffusers-style.
+
+The model library: it knows nothing of catalogs or manifests (``pipeline``) and imports Ray only inside its
+distributed training (``dit4sr.training.distributed``), when that runs.
 
 The public names load on first use (PEP 562), so ``import dit4sr.<module>`` — the command-line tools' ``--help``,
 the catalog's storage helpers — does not pay for torch and diffusers.
@@ -22,14 +24,17 @@ _EXPORTS = {
     "DiT4SRTransformer2DModel": "models",
     "DiT4SRTransformerOutput": "models",
     "PixelUnshuffleAutoencoder": "models",
-    "BUNDLED_MODEL": "pipeline_dit4sr",
-    "OFFICIAL_ADDED_PROMPT": "pipeline_dit4sr",
-    "OFFICIAL_NEGATIVE_PROMPT": "pipeline_dit4sr",
-    "OFFICIAL_SETTINGS": "pipeline_dit4sr",
+    "BUNDLED_MODEL": "loading",
+    "TEXT_COMPONENTS": "loading",
     "SAMPLER_VERSION": "pipeline_dit4sr",
     "DiT4SRPipeline": "pipeline_dit4sr",
     "DiT4SRPipelineOutput": "pipeline_dit4sr",
-    "compose_prompt": "pipeline_dit4sr",
+    "OFFICIAL_ADDED_PROMPT": "settings",
+    "OFFICIAL_NEGATIVE_PROMPT": "settings",
+    "OFFICIAL_SETTINGS": "settings",
+    "compose_prompt": "settings",
+    "effective_settings": "settings",
+    "read_recommended_settings": "settings",
     "PromptEmbedding": "prompt_cache",
     "PromptEmbeddingCache": "prompt_cache",
     "PromptEncoder": "prompt_cache",
@@ -42,6 +47,7 @@ __all__ = [
     "OFFICIAL_NEGATIVE_PROMPT",
     "OFFICIAL_SETTINGS",
     "SAMPLER_VERSION",
+    "TEXT_COMPONENTS",
     "Degradation",
     "DegradationConfig",
     "DiT4SRPipeline",
@@ -51,6 +57,8 @@ __all__ = [
     "PromptEmbeddingCache",
     "PromptEncoder",
     "compose_prompt",
+    "effective_settings",
+    "read_recommended_settings",
     "remove_focus_sentences",
     "DiT4SRTransformer2DModel",
     "DiT4SRTransformerOutput",
@@ -62,17 +70,17 @@ if TYPE_CHECKING:
     from .captioning import OFFICIAL_CAPTION_QUESTION, ImageCaptioner, remove_focus_sentences
     from .degradation import Degradation, DegradationConfig
     from .models import DiT4SRTransformer2DModel, DiT4SRTransformerOutput, PixelUnshuffleAutoencoder
-    from .pipeline_dit4sr import (
-        BUNDLED_MODEL,
+    from .loading import BUNDLED_MODEL, TEXT_COMPONENTS
+    from .pipeline_dit4sr import SAMPLER_VERSION, DiT4SRPipeline, DiT4SRPipelineOutput
+    from .prompt_cache import PromptEmbedding, PromptEmbeddingCache, PromptEncoder
+    from .settings import (
         OFFICIAL_ADDED_PROMPT,
         OFFICIAL_NEGATIVE_PROMPT,
         OFFICIAL_SETTINGS,
-        SAMPLER_VERSION,
-        DiT4SRPipeline,
-        DiT4SRPipelineOutput,
         compose_prompt,
+        effective_settings,
+        read_recommended_settings,
     )
-    from .prompt_cache import PromptEmbedding, PromptEmbeddingCache, PromptEncoder
 
 
 def __getattr__(name: str) -> Any:

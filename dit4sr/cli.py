@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = DiT4SRPipeline.from_pretrained(args.model, device=device, load_text_encoders=bool(captions))
     except Exception as error:  # noqa: BLE001 - reported as one line, like every other failure
         return _error(f"cannot load model {args.model}: {_reason(error)}")
-    if should_compile(args.compile, pipe._execution_device):
+    if should_compile(args.compile, pipe.execution_device):
         pipe.enable_compile()
     settings = {k: v for k, v in {
         "num_inference_steps": args.steps, "guidance_scale": args.guidance, "tile_size": args.tile_size,

@@ -286,7 +286,7 @@ def write_pipeline_root(
     }
     (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
     if recommended_settings:
-        from .pipeline_dit4sr import RECOMMENDED_SETTINGS_FILE
+        from .settings import RECOMMENDED_SETTINGS_FILE
 
         (root / RECOMMENDED_SETTINGS_FILE).write_text(json.dumps(recommended_settings, indent=2) + "\n")
 

@@ -121,7 +121,7 @@ def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
     """Resolve the settings exactly as the pipeline will (config > recommended_settings.json > official
     defaults) from the model's small JSON files only, so planning and dry runs never load weights."""
     import dit4sr
-    from dit4sr.pipeline_dit4sr import TEXT_COMPONENTS, effective_settings, read_recommended_settings
+    from dit4sr import TEXT_COMPONENTS, effective_settings, read_recommended_settings
 
     root = model_root(cfg)
     index = _read_json(root, "model_index.json")

@@ -1,5 +1,6 @@
 """DiT4SRPipeline end to end with tiny random components: sizes, tiling, determinism, parameterisations,
-settings precedence, prompts and bad input."""
+settings precedence, prompts, bad input, and diffusers' conventions (step callbacks, interrupt, generators,
+latent output)."""
 
 import numpy as np
 import pytest
@@ -15,9 +16,9 @@ from support.tiny_components import (
 
 from dit4sr import DiT4SRTransformerOutput, compose_prompt
 from dit4sr.devices import resolve_device, resolve_dtype
-from dit4sr.pipeline_dit4sr import OFFICIAL_SETTINGS
+from dit4sr.settings import OFFICIAL_SETTINGS
 from dit4sr.prompt_cache import PromptEncoder
-from dit4sr.tiling import plan_tiles, whole_image_noise
+from dit4sr.tiling import whole_image_noise
 
 # process_size=0 skips the official short-side raise (to 512 px) so that tests stay small and fast.
 FAST = dict(num_inference_steps=2, guidance_scale=1.0, show_progress=False, output_type="np", process_size=0)
@@ -35,18 +36,21 @@ def random_image(height, width, channels=3, seed=0):
     return (np.random.default_rng(seed).random((height, width, channels)) * 255).astype(np.uint8)
 
 
-def lr_latents_of(pipe, height, width, seed=0):
-    return torch.randn(1, pipe.transformer.config.in_channels, height, width, generator=torch.Generator().manual_seed(seed))
+def sample(pipe, height, width, seed=7, **settings):
+    """A call's final latents (``output_type="latent"``) for a ``height x width`` latent, and the LR latents the
+    call conditioned them on (read by a step callback)."""
+    seen = []
 
+    def keep_lr(pipe, step, timestep, tensors):
+        seen.append(tensors["lr_latents"])
+        return {}
 
-def denoise(pipe, lr, **settings):
-    settings = pipe.effective_settings(**{"num_inference_steps": 3, "guidance_scale": 1.0, **settings})
-    cond = tuple(t[None] for t in (pipe.null_prompt_embedding.prompt_embeds, pipe.null_prompt_embedding.pooled_prompt_embeds))
-    with torch.no_grad():
-        grid = plan_tiles(*lr.shape[-2:], settings["tile_size"], settings["tile_overlap"],
-                          multiple=pipe.transformer.config.patch_size)
-        noise = whole_image_noise(lr.shape, 7)
-        return pipe._denoise(lr, grid, settings, cond, None, noise, show_progress=False)
+    factor = pipe.vae_scale_factor
+    latents = pipe(random_image(height * factor, width * factor), upscale=1, seed=seed,
+                   callback_on_step_end=keep_lr, callback_on_step_end_tensor_inputs=["lr_latents"],
+                   **{**FAST, "num_inference_steps": 3, "output_type": "latent", **settings}).images
+    assert latents.shape[-2:] == seen[0].shape[-2:] == (height, width)
+    return latents, seen[0].contiguous()  # as the gathered tiles hold it (the VAE's layout rounds differently)
 
 
 def reference_untiled(pipe, lr, steps=3, seed=7):
@@ -64,8 +68,7 @@ def reference_untiled(pipe, lr, steps=3, seed=7):
 
 def test_one_tile_covering_the_latent_equals_untiled_sampling():
     pipe = tiny_pipeline()
-    lr = lr_latents_of(pipe, 24, 40)
-    tiled = denoise(pipe, lr, tile_size=(24, 40), tile_overlap=8)
+    tiled, lr = sample(pipe, 24, 40, tile_size=(24, 40), tile_overlap=8)
     assert torch.equal(tiled, reference_untiled(pipe, lr))
 
 
@@ -74,8 +77,7 @@ def test_overlapping_tiles_blend_to_the_whole_image_prediction():
     # tile agrees where tiles overlap, so normalised blending must reproduce it exactly: x_end = noise - lr.
     pipe = tiny_pipeline()
     pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(sample=lr.float())
-    lr = lr_latents_of(pipe, 30, 52)
-    out = denoise(pipe, lr, tile_size=(16, 20), tile_overlap=(6, 8), tile_batch_size=3)
+    out, lr = sample(pipe, 30, 52, tile_size=(16, 20), tile_overlap=(6, 8), tile_batch_size=3)
     torch.testing.assert_close(out, whole_image_noise(lr.shape, 7) - lr, atol=1e-5, rtol=0)
 
 
@@ -83,9 +85,8 @@ def test_constant_prediction_with_official_and_symmetric_weights():
     pipe = tiny_pipeline()
     pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(
         sample=torch.full_like(hidden, 0.25))
-    lr = lr_latents_of(pipe, 26, 34)
     for weighting in ("official", "symmetric"):
-        out = denoise(pipe, lr, tile_size=16, tile_overlap=10, tile_weighting=weighting)
+        out, lr = sample(pipe, 26, 34, tile_size=16, tile_overlap=10, tile_weighting=weighting)
         torch.testing.assert_close(out, whole_image_noise(lr.shape, 7) - 0.25, atol=1e-5, rtol=0)
 
 
@@ -95,9 +96,9 @@ def test_x0_residual_parameterisation_lands_on_the_lr_latent():
     pipe = tiny_pipeline(transformer=tiny_transformer(prediction_type="sample", lr_residual=True))
     pipe.transformer.forward = lambda hidden, lr, text, pooled, t: DiT4SRTransformerOutput(
         sample=torch.zeros_like(hidden))
-    lr = lr_latents_of(pipe, 20, 28)
-    torch.testing.assert_close(denoise(pipe, lr, tile_size=16, tile_overlap=4), lr, atol=1e-5, rtol=0)
-    torch.testing.assert_close(denoise(pipe, lr, start_point="lr"), lr, atol=1e-5, rtol=0)
+    for settings in (dict(tile_size=16, tile_overlap=4), dict(start_point="lr")):
+        out, lr = sample(pipe, 20, 28, **settings)
+        torch.testing.assert_close(out, lr, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(37, 53), (300, 170), (1, 1), (5, 2)])
@@ -120,9 +121,9 @@ def test_non_integer_upscale_and_pil_output():
 def test_processing_geometry_follows_the_official_script():
     pipe = tiny_pipeline()  # VAE factor 8
     # short side < 512 // 4 = 128: raised to 128 first, then x4, then rounded down to a multiple of 8
-    assert pipe.resize_plan(53, 37, 4, 512) == [(183, 128), (732, 512), (728, 512)]
-    assert pipe.resize_plan(300, 170, 4, 512) == [(1200, 680), (1200, 680)]
-    assert pipe.resize_plan(1, 1, 4, 512) == [(128, 128), (512, 512), (512, 512)]
+    assert pipe.geometry(53, 37, 4, process_size=512).resizes == ((183, 128), (732, 512), (728, 512))
+    assert pipe.geometry(300, 170, 4, process_size=512).resizes == ((1200, 680), (1200, 680))
+    assert pipe.geometry(1, 1, 4, process_size=512).resizes == ((128, 128), (512, 512), (512, 512))
 
 
 def test_same_seed_same_bytes_other_seed_differs():
@@ -169,7 +170,7 @@ def test_pixel_autoencoder_path_and_residual_model():
     assert out.shape == (120, 88, 3)
     # without the short-side raise (process_size=0, as the bundled model) a 1x1 input is raised just to
     # one latent patch (2 x 2 latents = 8 x 8 pixels) and still comes out exactly 4 x 4
-    assert pipe.resize_plan(1, 1, 4, 0) == [(2, 2), (8, 8), (8, 8)]
+    assert pipe.geometry(1, 1, 4, process_size=0).resizes == ((2, 2), (8, 8), (8, 8))
     assert pipe(random_image(1, 1), upscale=4, **FAST).images[0].shape == (4, 4, 3)
 
 
@@ -249,7 +250,9 @@ def test_nan_model_output_is_reported():
     (dict(color_fix="sepia"), "color_fix"),
     (dict(start_point="middle"), "start_point"),
     (dict(tile_batch_size=0), "tile_batch_size"),
-    (dict(output_type="latent"), "output_type"),
+    (dict(output_type="pt"), "output_type"),
+    (dict(seed=1, generator=torch.Generator()), "generator or seed"),
+    (dict(callback_on_step_end_tensor_inputs=["noise_pred"]), "callback_on_step_end_tensor_inputs"),
     (dict(num_inference_steps=0), "num_inference_steps"),
 ])
 def test_bad_settings_raise_value_errors(kwargs, match):
@@ -290,6 +293,9 @@ def test_progress_bar_counts_steps_times_tiles_and_can_be_silenced(capsys):
     progress = capsys.readouterr().err
     assert "12/12" in progress and "13/" not in progress  # 2 steps x 6 tiles (a 2 x 3 grid on 18 x 26)
     pipe(image, tile_size=12, tile_overlap=4, **FAST)
+    assert capsys.readouterr().err == ""
+    pipe.set_progress_bar_config(disable=True)  # diffusers' switch, for every call
+    pipe(image, tile_size=12, tile_overlap=4, **{**FAST, "show_progress": True})
     assert capsys.readouterr().err == ""
 
 
@@ -360,3 +366,100 @@ def test_geometry_is_what_the_sampler_runs(height, width):
     assert len(calls) == geometry.tiles * FAST["num_inference_steps"]
     assert geometry.resizes[-1] == (geometry.latent_height * pipe.vae_scale_factor,
                                     geometry.latent_width * pipe.vae_scale_factor)
+
+
+# -- diffusers' conventions: step callbacks, interrupt, generators, latent output --------------------------------
+TILES = dict(tile_size=12, tile_overlap=4, tile_batch_size=4)  # a 2 x 3 grid on the 18 x 26 latent of 37 x 53
+
+
+def test_step_callback_sees_every_step_and_can_replace_the_latents():
+    pipe = tiny_pipeline()
+    image = random_image(37, 53)
+    seen = []
+
+    def record(pipe, step, timestep, tensors):
+        seen.append((step, float(timestep), tensors["latents"].clone()))
+        return {}
+
+    final = pipe(image, **TILES, **{**FAST, "num_inference_steps": 4, "output_type": "latent"},
+                 callback_on_step_end=record).images
+    pipe.scheduler.set_timesteps(4)
+    assert [step for step, _, _ in seen] == [0, 1, 2, 3] and pipe.num_timesteps == 4
+    assert [timestep for _, timestep, _ in seen] == pipe.scheduler.timesteps.tolist()
+    assert torch.equal(seen[-1][2], final)  # the latents after the last step are what comes back
+    assert len({latents.sum().item() for _, _, latents in seen}) == 4  # each step moved them
+
+    def replace_at_last_step(pipe, step, timestep, tensors):
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 3 else {}
+
+    replaced = pipe(image, **TILES, **{**FAST, "num_inference_steps": 4, "output_type": "latent"},
+                    callback_on_step_end=replace_at_last_step).images
+    assert torch.equal(replaced, torch.zeros_like(final))
+    # images of two sizes are sampled one size after the other: the callback sees every step of each
+    steps = []
+    pipe([image, random_image(20, 20)], **TILES, **FAST,
+         callback_on_step_end=lambda pipe, step, timestep, tensors: steps.append(step) or {})
+    assert steps == [0, 1, 0, 1]
+
+
+def test_interrupt_from_a_callback_stops_the_loop():
+    pipe = tiny_pipeline()
+    image = random_image(37, 53)
+    seen = []
+
+    def stop_after_step_1(pipe, step, timestep, tensors):
+        seen.append(tensors["latents"].clone())
+        if step == 1:
+            pipe._interrupt = True
+        return {}
+
+    calls = count_transformer_items(pipe)
+    stopped = pipe(image, **TILES, **{**FAST, "num_inference_steps": 4, "output_type": "latent"},
+                   callback_on_step_end=stop_after_step_1).images
+    assert pipe.interrupt and len(seen) == 2
+    assert calls == [4, 2] * 2  # 6 tiles in batches of 4, for steps 0 and 1 only
+    assert torch.equal(stopped, seen[-1])  # returned as they were when the loop stopped
+    # the next call starts uninterrupted
+    assert len(pipe(image, **TILES, **FAST).images) == 1 and not pipe.interrupt and len(calls) == 8
+
+
+def test_latent_output_decodes_through_the_vae_to_the_same_pixels():
+    pipe = tiny_pipeline()
+    frames = [random_image(37, 53, channels=4, seed=seed) for seed in (1, 2)]  # with alpha
+    settings = dict(**TILES, **{**FAST, "color_fix": "adain"})
+    pixels = pipe(frames, seed=3, **settings).images
+    latents = pipe(frames, seed=3, **{**settings, "output_type": "latent"}).images
+    geometry = pipe.geometry(37, 53, 4, process_size=0)
+    assert latents.shape == (2, 4, geometry.latent_height, geometry.latent_width) and latents.dtype == torch.float32
+    decoded = pipe.decode_latents(latents, frames, upscale=4, color_fix="adain", process_size=0, output_type="np")
+    assert [image.tobytes() for image in decoded] == [image.tobytes() for image in pixels]
+    pil = pipe.decode_latents(latents[1:], frames[1], color_fix="adain", process_size=0)[0]
+    assert pil.mode == "RGBA" and np.array_equal(
+        np.asarray(pil), np.asarray(pipe(frames, seed=3, **{**settings, "output_type": "pil"}).images[1]))
+    (as_tuple,) = pipe(frames, seed=3, return_dict=False, **settings)
+    assert [image.tobytes() for image in as_tuple] == [image.tobytes() for image in pixels]
+    with pytest.raises(ValueError, match="one size"):
+        pipe([frames[0], random_image(20, 20)], **{**settings, "output_type": "latent"})
+
+
+def test_generators_draw_the_noise_seeds_draw():
+    pipe = tiny_pipeline()
+    frame = random_image(20, 28)
+    by_seed = pipe([frame, frame], seed=[5, 6], **FAST).images
+    by_generators = pipe([frame, frame], generator=[torch.Generator().manual_seed(5),
+                                                    torch.Generator().manual_seed(6)], **FAST).images
+    assert [image.tobytes() for image in by_generators] == [image.tobytes() for image in by_seed]
+    assert by_seed[0].tobytes() != by_seed[1].tobytes()
+    # one generator: one noise field for every image, as one seed
+    shared = pipe([frame, frame], generator=torch.Generator().manual_seed(5), **FAST).images
+    assert shared[0].tobytes() == shared[1].tobytes() == by_seed[0].tobytes()
+    # a generator is stateful: a second call from the same one draws other noise
+    generator = torch.Generator().manual_seed(5)
+    first, second = (pipe(frame, generator=generator, **FAST).images[0] for _ in range(2))
+    assert first.tobytes() == pipe(frame, seed=5, **FAST).images[0].tobytes() != second.tobytes()
+    with pytest.raises(ValueError, match="1 generators for 2 images"):
+        pipe([frame, frame], generator=[torch.Generator()], **FAST)
+
+
+def test_execution_device_is_public():
+    assert tiny_pipeline().execution_device == torch.device("cpu")

@@ -2,6 +2,7 @@
 recommended settings and the null-prompt embedding."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,7 +99,7 @@ def test_bad_roots_and_settings(tmp_path, reference):
 
 def test_bundled_name_resolves_to_the_package_model():
     assert BUNDLED_MODEL == dit4sr.BUNDLED_MODEL and BUNDLED_MODEL.endswith("bundled/dit4sr-tiny")
-    if not (dit4sr.pipeline_dit4sr.os.path.isfile(f"{BUNDLED_MODEL}/model_index.json")):
+    if not (os.path.isfile(f"{BUNDLED_MODEL}/model_index.json")):
         with pytest.raises(FileNotFoundError, match="bundled/dit4sr-tiny"):
             DiT4SRPipeline.from_pretrained("bundled")
     else:
