@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from dit4sr.train import Trainer, load_config
+from dit4sr.training import Trainer, load_config
 from dit4sr.training.data import PrefetchingLoader
 
 

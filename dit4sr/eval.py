@@ -32,7 +32,7 @@ from skimage.metrics import structural_similarity
 
 from .degradation import bicubic_downscale, bicubic_upscale
 from .image_processing import IMAGE_SUFFIXES
-from .train import read_list
+from .training.data import read_list
 
 
 def y_channel(image: np.ndarray) -> np.ndarray:

@@ -60,7 +60,8 @@ def tiny_model_root(tmp_path_factory) -> pathlib.Path:
     one-step result is exactly the bicubic-upscaled input) and the pixel-unshuffle autoencoder."""
     import torch
 
-    from dit4sr.train import ModelConfig, build_model, write_pipeline_root
+    from dit4sr.training import build_model, write_pipeline_root
+    from dit4sr.training.config import ModelConfig
 
     root = tmp_path_factory.mktemp("tiny-model")
     transformer, vae, null_prompt, _ = build_model(ModelConfig(transformer=TINY_TRANSFORMER), seed=0)

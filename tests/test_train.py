@@ -15,7 +15,8 @@ from support.training import train_config as _config
 
 from dit4sr.degradation import DegradationConfig
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
-from dit4sr.train import TrainConfig, Trainer, main, read_list, write_pipeline_root
+from dit4sr.train import main
+from dit4sr.training import TrainConfig, Trainer, read_list, write_pipeline_root
 
 TRAIN_CONFIG = __import__("pathlib").Path(__file__).parents[1] / "configs" / "train" / "dit4sr_tiny.yaml"
 
@@ -95,7 +96,7 @@ def test_bundled_config_is_valid_and_excludes_the_held_out_list():
 
 
 def test_held_out_photos_exist_and_are_excluded_from_training():
-    from dit4sr.train import list_images
+    from dit4sr.training import list_images
 
     if not (SHARED / "data" / "photos").is_dir():
         missing("../shared/data/photos")
@@ -209,7 +210,7 @@ def test_prefetching_loader_yields_exactly_the_direct_batches_and_measures_waiti
 
 # -- device, precision, memory ------------------------------------------------------------------
 def test_device_and_precision_resolution_on_this_machine():
-    from dit4sr.train import TrainingInputError, resolve_precision, resolve_training_device
+    from dit4sr.training import TrainingInputError, resolve_precision, resolve_training_device
 
     cpu = torch.device("cpu")
     assert resolve_training_device("cpu") == cpu

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from support.training import train_config
 
-from dit4sr.train import Trainer, TrainingInputError, main
+from dit4sr.train import main
+from dit4sr.training import Trainer, TrainingInputError
 from dit4sr.training.distributed import train_distributed
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("few_torch_threads", "ray_local")]

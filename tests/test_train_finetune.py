@@ -15,7 +15,8 @@ from support.training import images
 
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
 from dit4sr.prompt_cache import PromptEmbeddingCache
-from dit4sr.train import TrainConfig, Trainer, main, resolve_prompt_embeddings
+from dit4sr.train import main
+from dit4sr.training import TrainConfig, Trainer, resolve_prompt_embeddings
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "train"
 FINETUNE = CONFIGS / "dit4sr_finetune.yaml"

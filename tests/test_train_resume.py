@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from support.training import train_config
 
-from dit4sr.train import Trainer
+from dit4sr.training import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..degradation import Degradation, bicubic_upscale
 from ..image_processing import IMAGE_SUFFIXES
-from . import TrainingInputError
+from .errors import TrainingInputError
 
 logger = logging.getLogger(__name__)
 

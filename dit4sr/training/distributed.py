@@ -9,7 +9,8 @@ with batch ``N x B`` (same ``data.num_shards``), up to floating-point rounding. 
 ``ray.train.report``, which uploads it to the run's storage: a local path or any fsspec URL
 (``distributed.storage``, default ``output_dir``; ``distributed.storage_options`` for e.g. an S3 endpoint).
 ``--resume`` continues the run of the same name from its latest checkpoint; without it an existing run is
-refused. Connects to the Ray cluster in ``RAY_ADDRESS`` (or starts a local one).
+refused. Connects to the Ray cluster in ``RAY_ADDRESS`` (or starts a local one). It uses Ray Train's current
+API (reported checkpoints restored by run name), the default since Ray 2.51.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import fsspec
 import torch
 
 from ..prompt_cache import PromptEmbedding
-from . import TrainingInputError
+from .config import TrainConfig
+from .errors import TrainingInputError
+from .trainer import Trainer, seed_everything
 
 logger = logging.getLogger(__name__)
-
-# Ray Train's current API (reported checkpoints restored by run name); the default from Ray 2.51 on.
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
 def _storage(config) -> tuple[str, Any, fsspec.AbstractFileSystem, str]:
@@ -49,8 +49,6 @@ def _storage(config) -> tuple[str, Any, fsspec.AbstractFileSystem, str]:
 def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-
-    from ..train import TrainConfig, Trainer, seed_everything
 
     config = TrainConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()

@@ -6,7 +6,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from dit4sr.train import TrainConfig
+from dit4sr.training import TrainConfig
 from support.tiny_components import TINY_SETTINGS, TINY_TRANSFORMER
 
 
