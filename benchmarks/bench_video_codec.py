@@ -22,7 +22,7 @@ import numpy as np
 from av.video.reformatter import ColorRange, Colorspace
 from PIL import Image
 
-from pipeline.media.video import (
+from media.video import (
     PRESETS,
     SegmentEncoder,
     VideoEncoding,
@@ -31,8 +31,8 @@ from pipeline.media.video import (
     index_video,
     plan_segments,
 )
-from pipeline.media.video.colour import SWS_FLAGS
-from pipeline.media.video.encode import quantized
+from media.video.colour import SWS_FLAGS
+from media.video.encode import quantized
 
 SHARED_CLIP = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "Mustache_640x360.mp4"
 

@@ -69,8 +69,8 @@ __all__ = [
 if TYPE_CHECKING:
     from .captioning import OFFICIAL_CAPTION_QUESTION, ImageCaptioner, remove_focus_sentences
     from .degradation import Degradation, DegradationConfig
-    from .models import DiT4SRTransformer2DModel, DiT4SRTransformerOutput, PixelUnshuffleAutoencoder
     from .loading import BUNDLED_MODEL, TEXT_COMPONENTS
+    from .models import DiT4SRTransformer2DModel, DiT4SRTransformerOutput, PixelUnshuffleAutoencoder
     from .pipeline_dit4sr import SAMPLER_VERSION, DiT4SRPipeline, DiT4SRPipelineOutput
     from .prompt_cache import PromptEmbedding, PromptEmbeddingCache, PromptEncoder
     from .settings import (

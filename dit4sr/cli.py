@@ -4,7 +4,7 @@ Inputs are image or video files, directories (searched recursively) or fsspec UR
 (``s3://bucket/photos/``). Each image's output is ``OUTDIR/<name>.png`` (for a directory input, its path
 relative to that directory); a video keeps its container (``.mp4`` stays ``.mp4``), frame timestamps, colour
 tags and audio/subtitle streams, and all its frames share one noise field from ``--seed`` (no flicker from
-noise) — through the same codec layer as the catalog job (``pipeline.media.video``). Outputs are written to a
+noise) — through the same codec layer as the catalog job (``media.video``). Outputs are written to a
 temporary name and renamed when complete, so a crash never leaves a partial file under the final name. An input that cannot be read, is not an image, is
 truncated or exceeds ``--max-pixels`` fails alone with a one-line reason on stderr; the others are
 still processed. Exit codes as the catalog job's: 0 all written, 1 nothing could be done (an unloadable model, no
@@ -22,8 +22,8 @@ import argparse
 import io
 import itertools
 import os
-import tempfile
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -50,7 +50,7 @@ class Job:
 
 
 def _video_suffixes() -> frozenset[str]:
-    from pipeline.media import VIDEO_EXTENSIONS
+    from media import VIDEO_EXTENSIONS
 
     return VIDEO_EXTENSIONS
 
@@ -123,7 +123,7 @@ def save_png(image: Image.Image, target: Path) -> None:
 def video_caption_frame(job: Job, segment_seconds: float = 4.0):
     """The frame a video's caption describes, as the catalog job chooses it with its default ``video`` settings:
     the middle frame of its first segment of about ``segment_seconds``, so both give a video the same caption."""
-    from pipeline.media import video
+    from media import video
 
     with job.fs.open(job.path, "rb", block_size=1 << 20) as handle:
         index = video.index_video(handle, job.source)
@@ -155,10 +155,10 @@ def caption_inputs(jobs: list[Job], captioner, max_pixels: int, quiet: bool) -> 
 
 
 def has_text_encoders(model: str) -> bool:
-    from .pipeline_dit4sr import TEXT_COMPONENTS, _read_json, _resolve_root
+    from .loading import TEXT_COMPONENTS, read_json, resolve_root
 
     try:
-        index = _read_json(_resolve_root(model), "model_index.json", None)
+        index = read_json(resolve_root(model), "model_index.json", None)
     except Exception:  # noqa: BLE001 - an unreadable model is reported when it is loaded
         index = None
     return index is None or all(index.get(name) and index[name][0] for name in TEXT_COMPONENTS)
@@ -177,7 +177,7 @@ def upscale_video(job: Job, pipe, scale: int, seed: int, settings: dict, output_
     """Upscale one video segment by segment (never a whole film in memory), every frame from one noise field
     (and one prompt: ``settings``), then remux the segments with the source's audio and subtitles into the
     output."""
-    from pipeline.media import video
+    from media import video
 
     def opened():
         return job.fs.open(job.path, "rb", block_size=1 << 20)

@@ -35,10 +35,12 @@ import pyarrow as pa
 import ray
 from PIL import Image
 
-from . import listing, manifest, media
+import media
+from media import video
+
+from . import listing, manifest
 from .config import ConfigError, JobConfig
 from .engine import NEGATIVE, engine_kind, negative_text, prompt_text
-from .media import video
 from .plan import CAPTION_FIELDS, Plan, locations
 from .spec import RunSpec
 from .storage import Location

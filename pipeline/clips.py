@@ -20,9 +20,10 @@ from typing import Any
 
 import ray
 
+from media import video
+
 from . import manifest, sequence_movie
 from .config import JobConfig
-from .media import video
 from .plan import Clip, Plan, SegmentTally, locations
 from .storage import Location
 

@@ -15,8 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .media import OUTPUT_FORMATS
-
+from media import OUTPUT_FORMATS
 
 
 class ConfigError(ValueError):
@@ -176,7 +175,7 @@ class VideoConfig(_Section):
         return self
 
     def encoding(self):
-        from .media.video import VideoEncoding
+        from media.video import VideoEncoding
 
         return VideoEncoding(codec=self.codec, crf=self.crf, preset=self.preset, pix_fmt=self.pix_fmt,
                              encoder_options=self.encoder_options)

@@ -36,11 +36,13 @@ import pyarrow.parquet as pq
 import ray
 from PIL import Image
 
-from . import listing, manifest, media, sequence_movie, state, video_index
+import media
+from media import video
+from media.video import mezzanine
+
+from . import listing, manifest, sequence_movie, state, video_index
 from .config import ConfigError, JobConfig, fingerprint
 from .engine import output_size_error, prompt_text, tiles_per_frame
-from .media import video
-from .media.video import mezzanine
 from .preflight import check_output_outside_input, locations  # noqa: F401 - also used from here
 from .spec import RunSpec
 from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import heapq
 import html
 import io
-import heapq
 import json
 import logging
 import re
@@ -30,9 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from . import manifest, media
+import media
+from media import video
+
+from . import manifest
 from .config import JobConfig
-from .media import video
 from .manifest import MANIFEST_DIR
 from .plan import locations
 from .storage import Location

@@ -27,8 +27,10 @@ import os
 import pathlib
 from typing import Any
 
-from . import manifest, media
-from .media.video.movie import MovieEncoder, movie_container, movie_settings
+import media
+from media.video.movie import MovieEncoder, movie_container, movie_settings
+
+from . import manifest
 from .spec import RunSpec, VideoSettings
 from .storage import Location
 

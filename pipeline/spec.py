@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from media.video import VideoEncoding
+
 from .config import JobConfig, VideoConfig, fingerprint
-from .media.video import VideoEncoding
 
 # Bumped when the video layer's output bytes change for the same settings (a re-run then redoes videos):
 # 2 = explicit colour tags on every output, BT.709 at HD sizes for SD sources, interlaced sources deinterlaced.

@@ -25,9 +25,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from . import manifest, media
+import media
+from media import video
+
+from . import manifest
 from .engine import Engine, load_engine, output_size_error, upscale_frames
-from .media import video
 from .metrics import publish_gpu_memory_peak
 from .plan import derive_seed
 from .spec import RunSpec

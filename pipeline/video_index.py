@@ -37,9 +37,10 @@ from typing import Any
 
 import av
 
+from media import MediaError, video
+from media.video import mezzanine
+
 from . import manifest
-from .media import MediaError, video
-from .media.video import mezzanine
 from .storage import Location
 
 log = logging.getLogger("pipeline")

@@ -1,4 +1,4 @@
-"""pipeline.media with real codecs on images made here: bad inputs fail with the right error_type, unusual valid
+"""media with real codecs on images made here: bad inputs fail with the right error_type, unusual valid
 inputs decode with the right size, orientation, layout and bit depth, and come back out of encode_image right."""
 
 import io
@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import ExifTags, Image, ImageCms, ImageOps, PngImagePlugin
 
-from pipeline.media import (
+from media import (
     OUTPUT_FORMATS,
     SUPPORTED_EXTENSIONS,
     MediaError,

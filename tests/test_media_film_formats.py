@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from support.catalog import job_config, manifests, write_catalog
 
-from pipeline import media
-from pipeline.media import MediaError, decode_image, encode_image, to_float_rgb
+import media
+from media import MediaError, decode_image, encode_image, to_float_rgb
 from pipeline.plan import group_inputs
 from pipeline.storage import Entry
 

@@ -10,7 +10,7 @@ from av.video.reformatter import ColorRange, Colorspace
 from support import video_corpus as corpus
 from support.video_path import combing, run_video_path
 
-from pipeline.media.video import (
+from media.video import (
     VideoEncoding,
     field_rate_index,
     index_video,

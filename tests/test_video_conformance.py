@@ -31,8 +31,8 @@ from support import missing
 from support import video_corpus as corpus
 from support.video_path import combing, run_video_path
 
-from pipeline.media import MediaError
-from pipeline.media.video import (
+from media import MediaError
+from media.video import (
     VideoEncoding,
     index_video,
 )

@@ -1,4 +1,4 @@
-"""pipeline.media.video with real PyAV-encoded clips: indexing from packets, segment extraction and decoding, the
+"""media.video with real PyAV-encoded clips: indexing from packets, segment extraction and decoding, the
 encoder, and assembly keep every frame, timestamp, duration, rotation, colour tag and audio/subtitle packet of the
 source; bad inputs fail with the right error_type; outputs are byte-identical run to run."""
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from support import video_clips as clips
 
-from pipeline.media import MediaError
-from pipeline.media.video import (
+from media import MediaError
+from media.video import (
     SegmentEncoder,
     VideoEncoding,
     assemble,

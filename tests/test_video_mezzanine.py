@@ -1,4 +1,4 @@
-"""Decoded-once staging (pipeline/media/video/mezzanine.py): decode cost linear in the clip whatever its GOP structure,
+"""Decoded-once staging (media/video/mezzanine.py): decode cost linear in the clip whatever its GOP structure,
 and frames bit-identical to the packet-copy path's."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from support import video_clips
 
-from pipeline.media import video
-from pipeline.media.errors import CorruptVideoError
-from pipeline.media.video import mezzanine, packets
+from media import video
+from media.errors import CorruptVideoError
+from media.video import mezzanine, packets
 
 SEGMENT_FRAMES = 30
 

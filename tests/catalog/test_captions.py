@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 from support.catalog import image_bytes, job_config, manifests, small_catalog, write_catalog
 
+import media
 from dit4sr import OFFICIAL_CAPTION_QUESTION, ImageCaptioner, compose_prompt
-from pipeline import media
 from pipeline.config import ConfigError, fingerprint, validate_config
 from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_OK, run_job
@@ -155,7 +155,7 @@ def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, t
     gives the same captions and bytes."""
     from support import video_clips
 
-    from pipeline.media import video
+    from media import video
 
     photos = {"a.png": image_bytes(10, 8, seed=1), "b.png": image_bytes(9, 7, seed=2)}
     reel = {f"reel/frame_{n:04d}.png": image_bytes(12, 8, seed=10 + n) for n in range(1, 7)}

@@ -17,7 +17,7 @@ import s3fs
 from support.catalog import Job, image_bytes, job_config, session_ray_address
 from support.fault_proxy import FaultProxy, random_faults
 
-from pipeline import media
+import media
 from pipeline.engine import BicubicEngine
 from pipeline.manifest import MANIFEST_DIR, SCHEMA
 from pipeline.run import EXIT_OK

@@ -11,7 +11,7 @@ from PIL import Image
 from support import video_clips
 from support.catalog import image_bytes, job_config, manifests, small_catalog, write_catalog
 
-from pipeline import media
+import media
 from pipeline.config import validate_config
 from pipeline.engine import BicubicEngine
 from pipeline.run import execute, prepare

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from support.catalog import image_bytes, job_config, manifests, run_index, write_catalog
 
+from media import decode_image, to_float_rgb
 from pipeline import sequence_movie
 from pipeline.config import validate_config
 from pipeline.manifest import utcnow
-from pipeline.media import decode_image, to_float_rgb
 from pipeline.plan import make_plan
 from pipeline.run import EXIT_OK, run_job
 from pipeline.spec import RunSpec

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from support.catalog import job_config, write_catalog
 
-from pipeline import media
+import media
 from pipeline.config import validate_config
 from pipeline.run import EXIT_OK, run_job
 

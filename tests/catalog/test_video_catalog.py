@@ -12,8 +12,8 @@ from PIL import Image
 from support import video_clips, video_corpus
 from support.catalog import image_bytes, job_config, manifests, run_index, write_catalog
 
+from media import video
 from pipeline.config import validate_config
-from pipeline.media import video
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
 
 SCALE = 2

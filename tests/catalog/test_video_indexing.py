@@ -12,11 +12,11 @@ import pytest
 from support import video_clips, video_corpus
 from support.catalog import job_config, manifests
 
+from media import video
+from media.video import mezzanine
 from pipeline import video_index
 from pipeline.config import validate_config
 from pipeline.engine import resolve_settings
-from pipeline.media import video
-from pipeline.media.video import mezzanine
 from pipeline.plan import STAGING_DIR, make_plan
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
 from pipeline.spec import RunSpec

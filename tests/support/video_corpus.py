@@ -1,7 +1,7 @@
 """The video conformance corpus (issue 15): one tiny clip per kind of file that archives hold and FFmpeg decodes,
 each written by a function `make(folder) -> (path, Facts)`. `Facts` is what the clip is and what a faithful output
 keeps (field order, timecode, tags, audio/subtitle streams, whether it must come out deinterlaced ...);
-`tests/test_video_conformance.py` runs every clip through `pipeline.media.video` and checks them.
+`tests/test_video_conformance.py` runs every clip through `media.video` and checks them.
 
 Made with PyAV (this wheel's FFmpeg encodes all but one class); HAP has no encoder in the wheel and is made with the
 `ffmpeg` command line (Debian: `apt-get install ffmpeg`), or raises `CorpusSkip` saying why when there is none.

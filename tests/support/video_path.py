@@ -7,8 +7,8 @@ import pathlib
 
 import numpy as np
 
-from pipeline.media import MediaError
-from pipeline.media.video import (
+from media import MediaError
+from media.video import (
     SegmentEncoder,
     VideoEncoding,
     assemble,

@@ -1,4 +1,7 @@
-"""Media kinds the catalog understands, each in its own module, behind one error hierarchy.
+"""Decoding and encoding media, each kind in its own module, behind one error hierarchy (``error_type``).
+
+A layer of its own, below both users: the catalog (``pipeline``) and the model library's single-machine CLI
+(``dit4sr.cli``) import it, and it imports neither.
 
 * ``image``: photos, one file = one unit of work (decode -> pixels + metadata -> encode like the source); also
   the frames of frame sequences.
