@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 from dit4sr.degradation import bicubic_downscale, bicubic_upscale
 from dit4sr.eval import degrade_lr, gradient_energy, laplacian_variance, psnr_y, ssim_y
 from dit4sr.pipeline_dit4sr import DiT4SRPipeline
-from dit4sr.train import read_list
+from dit4sr.training import read_list
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO.parent / "shared" / "data" / "photos"
