@@ -12,7 +12,6 @@ from typing import Any
 
 from . import listing
 from .config import ConfigError, JobConfig
-from .manifest import MANIFEST_DIR
 from .storage import Location, glob_matcher, service_error, with_retries
 
 
@@ -35,6 +34,7 @@ def check_output_outside_input(cfg: JobConfig, source: Location, output: Locatio
     inner = source.contains(output)
     if inner is None:
         return
+    from .manifest import MANIFEST_DIR  # pyarrow's dataset layer: not for the common case, before the job starts
     included, excluded = (glob_matcher(patterns, case_sensitive=cfg.input.case_sensitive)
                           for patterns in (cfg.input.include, cfg.input.exclude))
     probes = [f"{inner}/{name}".lstrip("/") for name in
