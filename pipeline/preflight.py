@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import listing
 from .config import ConfigError, JobConfig
 from .storage import Location, glob_matcher, service_error, with_retries
 
@@ -76,6 +75,8 @@ def check(cfg: JobConfig) -> None:
     check_output_outside_input(cfg, source, output)
     _check_source(source, absent_ok=cfg.input.example_catalog)
     if cfg.input.inventory:  # its manifest readable, of the input's bucket, with the fields planning needs
+        from . import listing  # pyarrow's readers: only for inventories, not on every job's way to its first check
+
         inventory = listing.read_manifest(cfg.input.inventory, source.storage_options)
         listing.check_bucket(inventory, source)
     _check_output(output)
