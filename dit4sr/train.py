@@ -16,17 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from .training import (
-    Trainer,
-    TrainingInputError,
-    load_config,
-    resolve_prompt_embeddings,
-    resolve_training_device,
-    seed_everything,
-)
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -47,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-at", type=int, help="stop after this step (checkpointed), keeping the schedule")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    from .training import TrainingInputError  # the trainer and torch load once the command line is understood
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return _run(args, parser)
@@ -56,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+
+    from .training import (
+        Trainer,
+        TrainingInputError,
+        load_config,
+        resolve_prompt_embeddings,
+        resolve_training_device,
+        seed_everything,
+    )
+
     config = load_config(args.config)
     if args.max_steps is not None:
         config.optim.max_steps = args.max_steps

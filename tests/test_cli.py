@@ -178,9 +178,7 @@ JOB = pathlib.Path(__file__).resolve().parents[1] / "jobs" / "upscale_catalog.py
 
 @pytest.mark.parametrize("command", [
     pytest.param(["-m", "dit4sr.cli"], id="dit4sr-upscale"),
-    pytest.param(["-m", "dit4sr.train"], id="dit4sr-train", marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason="dit4sr/train.py imports the trainer (torch, diffusers) at module level until issue 18 "
-                            "makes it the CLI only")]),
+    pytest.param(["-m", "dit4sr.train"], id="dit4sr-train"),
     pytest.param([str(JOB)], id="upscale_catalog"),
 ])
 def test_help_is_plain_text_names_the_exit_codes_and_imports_no_torch(command):
