@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dit4sr.validation import validation_problems
 from media import OUTPUT_FORMATS
 
 
@@ -249,17 +250,6 @@ class JobConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
-        else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
-
-
 def _apply_override(data: dict[str, Any], assignment: str) -> None:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
@@ -311,7 +301,8 @@ def validate_config(data: dict[str, Any], source: str = "<dict>") -> JobConfig:
     try:
         return JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, source)) from None
+        problems = "".join(f"\n  {problem}" for problem in validation_problems(exc))
+        raise ConfigError(f"invalid config {source}:{problems}") from None
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

@@ -229,6 +229,15 @@ def _transformer_config(cfg: JobConfig) -> dict[str, Any]:
     return _transformer_config_at(root.uri, json.dumps(root.storage_options, sort_keys=True, default=str))
 
 
+def bicubic(image: np.ndarray, scale: int) -> np.ndarray:
+    """Pillow's bicubic resize of each channel of a float32 HxWxC array by ``scale``, unclipped (it also resizes
+    differences of frames: ``upscaler.FlickerMeter``)."""
+    height, width, channels = image.shape
+    size = (width * scale, height * scale)
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]), mode="F")
+                                .resize(size, Image.Resampling.BICUBIC)) for c in range(channels)], axis=-1)
+
+
 class BicubicEngine:
     """Bicubic resize per channel in float32 (deterministic, size exact); not a super-resolution model."""
 
@@ -236,11 +245,7 @@ class BicubicEngine:
         self.scale = settings["scale"]
 
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
-        height, width, channels = image.shape
-        size = (width * self.scale, height * self.scale)
-        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]), mode="F")
-                             .resize(size, Image.Resampling.BICUBIC)) for c in range(channels)]
-        return np.clip(np.stack(planes, axis=-1), 0.0, 1.0).astype(np.float32)
+        return np.clip(bicubic(image, self.scale), 0.0, 1.0).astype(np.float32)
 
 
 SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "start_point", "tile_size", "tile_overlap",

@@ -129,19 +129,18 @@ def part_name(rows: list[dict[str, Any]]) -> str:
 
 
 PARTS_DIR = "parts"
-_KILL_AT = os.environ.get("DIT4SR_TEST_KILL_AT", "")  # test-only, read once: see kill_point
-if _KILL_AT:  # the job's driver imports this before it starts Ray, whose workers inherit the variable
-    os.environ.setdefault("DIT4SR_TEST_KILL_PGID", str(os.getpgid(0)))
+KILL_AT_ENV = "DIT4SR_TEST_KILL_AT"
 
 
 def kill_point(name: str, done: int = 0) -> None:
-    """Test-only fault hook: ``DIT4SR_TEST_KILL_AT=<name>[:<n>]`` SIGKILLs the job driver's process group (the
-    driver and its local Ray: run the job in a session of its own) and this process at ``name``, once ``done`` >= n
-    (other Ray workers, each in a group of its own, die with their raylet).
+    """Test-only fault hook: ``DIT4SR_TEST_KILL_AT=<name>[:<n>]`` SIGKILLs the process group
+    ``DIT4SR_TEST_KILL_PGID`` (the job driver's and its local Ray's: the test runs the job in a session of its own
+    and names it; Ray workers inherit both variables) and this process at ``name``, once ``done`` >= n (other Ray
+    workers, each in a group of its own, die with their raylet). Without the variable it does nothing.
     Points: ``after_output_write`` (a batch's outputs are written, its manifest part not yet; ``done`` = parts the
     run has committed) and ``inside_compaction`` (the run's file is committed, one of its parts deleted). The
     point's name is written to ``DIT4SR_TEST_KILL_MARKER`` first, if set, so a test can tell its kill from others."""
-    point, _, count = _KILL_AT.partition(":")
+    point, _, count = os.environ.get(KILL_AT_ENV, "").partition(":")
     if point == name and done >= int(count or 0):
         if os.environ.get("DIT4SR_TEST_KILL_MARKER"):
             with open(os.environ["DIT4SR_TEST_KILL_MARKER"], "w") as marker:
@@ -167,7 +166,7 @@ def write_part(output: Location, run_id: str, rows: list[dict[str, Any]]) -> str
         return None
     data = table_bytes(to_table(rows))
     parts, name = f"{run_dir(run_id)}/{PARTS_DIR}", part_name(rows)
-    if _KILL_AT and any(row["status"] in ("ok", "staged") for row in rows):
+    if os.environ.get(KILL_AT_ENV) and any(row["status"] in ("ok", "staged") for row in rows):
         committed = {entry.relative for entry in Location(output.url(parts), output.storage_options).list(
             include=["part-*.parquet"])}
         if name not in committed:  # not a batch Ray redoes after its part was committed

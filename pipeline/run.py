@@ -17,13 +17,13 @@ from typing import Any
 import ray
 
 from . import captions, listing, manifest, preflight, report, state
+from .clips import ClipFinisher, remove_staged
 from .config import JobConfig
 from .engine import engine_run_settings, resolve_settings
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .lease import RunLease, RunLocked
 from .metrics import RunMetrics
 from .outcome import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_LOCKED, EXIT_OK  # noqa: F401 - the job's codes
-from .clips import ClipFinisher, remove_staged
 from .plan import Plan, estimate, locations, make_plan
 from .progress import FrameCounter, Progress
 from .spec import RunSpec
@@ -46,9 +46,6 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
     """
     source, output = locations(cfg)
     batch_size = cfg.compute.batch_size
-    # Ray Data fails a dataset that moves no block for 30 minutes; one batch of film segments on one GPU (or a
-    # large photo on a CPU) legitimately takes longer, and a stuck actor is Ray's to restart, not a job failure.
-    ray.data.DataContext.get_current().execution_no_progress_timeout_s = -1
     # The planning tasks' blocks, never the driver's rows: split into a batch per block as they stream, so the
     # read stage spreads over many tasks.
     pending = ray.data.from_arrow_refs([block if listing.is_block_ref(block) else ray.put(block)
@@ -62,12 +59,18 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
     upscaled = prompted.map_batches(
         Upscaler,
         fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds, "frame_counter": frame_counter},
+        # Ray's current API for an actor pool: map_batches' `concurrency=` is deprecated since Ray 2.51.
         compute=ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max),
         num_gpus=cfg.compute.gpus_per_actor, num_cpus=cfg.compute.cpus_per_actor,
         batch_size=batch_size, batch_format="pyarrow")
-    return upscaled.map_batches(
+    written = upscaled.map_batches(
         write_outputs, fn_kwargs={"output_location": output, "run_id": plan.run_id}, batch_format="pyarrow",
         batch_size=batch_size, num_cpus=0.5)
+    # Ray Data fails a dataset that moves no block for 30 minutes; one batch of film segments on one GPU (or a
+    # large photo on a CPU) legitimately takes longer, and a stuck actor is Ray's to restart, not a job failure.
+    # Set on this dataset's own context, not the process-wide default.
+    written.context.execution_no_progress_timeout_s = -1
+    return written
 
 
 def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:

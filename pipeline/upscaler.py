@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 import media
 from media import video
 
 from . import manifest
-from .engine import Engine, load_engine, output_size_error, upscale_frames
+from .engine import Engine, bicubic, load_engine, output_size_error, upscale_frames
 from .metrics import publish_gpu_memory_peak
 from .plan import derive_seed
 from .spec import RunSpec
@@ -118,7 +117,7 @@ class FlickerMeter:
         if self._previous is not None:
             previous_source, previous_output = self._previous
             # Bicubic resizing is linear: the upscaled difference is the difference of the upscaled frames.
-            change = _bicubic(source[..., :3] - previous_source[..., :3], self.scale)
+            change = bicubic(source[..., :3] - previous_source[..., :3], self.scale)
             self.reference_sum += float(np.abs(change).mean())
             self.output_sum += float(np.abs(output[..., :3] - previous_output[..., :3]).mean())
             self.pairs += 1
@@ -130,13 +129,6 @@ class FlickerMeter:
         reference = self.reference_sum / self.pairs
         return {"flicker_pairs": self.pairs, "reference_motion": reference,
                 "flicker": self.output_sum / self.reference_sum if self.reference_sum > 0 else None}
-
-
-def _bicubic(image: np.ndarray, scale: int) -> np.ndarray:
-    height, width, channels = image.shape
-    size = (width * scale, height * scale)
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c]), mode="F")
-                                .resize(size, Image.Resampling.BICUBIC)) for c in range(channels)], axis=-1)
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..validation import validation_problems
 from .errors import TrainingInputError
 
 
@@ -124,7 +125,8 @@ class TrainConfig(_Strict):
         try:
             config = cls.model_validate(raw)
         except ValidationError as error:
-            raise TrainingInputError(describe_validation_error(path, error)) from None
+            problems = "; ".join(validation_problems(error))
+            raise TrainingInputError(f"training config {path}: {problems}") from None
         base = path.parent
 
         def resolve(p: str | None) -> str | None:
@@ -142,20 +144,6 @@ class TrainConfig(_Strict):
             config.prompts.cache = resolve(config.prompts.cache)
         config.distributed.storage = resolve(config.distributed.storage)
         return config
-
-
-def describe_validation_error(path: Path, error: ValidationError) -> str:
-    """One line per problem, naming the key: unknown keys, missing keys, bad values."""
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{key}'")
-        elif item["type"] == "missing":
-            lines.append(f"missing key '{key}'")
-        else:
-            lines.append(f"'{key}': {item['msg']}")
-    return f"training config {path}: " + "; ".join(lines)
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:

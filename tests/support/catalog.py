@@ -113,7 +113,10 @@ class Job:
                        if key != "RAY_ADDRESS" and not key.startswith("DIT4SR_TEST_KILL")}
         if kill_at:
             environment.update(DIT4SR_TEST_KILL_AT=kill_at, DIT4SR_TEST_KILL_MARKER=str(self.marker))
-        self.process = subprocess.Popen([sys.executable, str(JOB), "--config", str(path), *args], cwd=REPO,
+        command = [sys.executable, str(JOB), "--config", str(path), *args]
+        if kill_at:  # the job's process group (its session's, started here) is the shell's pid, kept by exec
+            command = ["sh", "-c", 'DIT4SR_TEST_KILL_PGID=$$ exec "$0" "$@"', *command]
+        self.process = subprocess.Popen(command, cwd=REPO,
                                         env={**environment, **(env or {})}, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
