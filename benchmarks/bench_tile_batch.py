@@ -51,8 +51,9 @@ def sampler_pipeline(model: str | None) -> tuple[DiT4SRPipeline, str]:
 def bench_sampler(args) -> None:
     pipe, name = sampler_pipeline(args.model)
     image = (np.random.default_rng(0).random((256, 256, 3)) * 255).astype(np.uint8)
-    settings = {k: v for k, v in dict(num_inference_steps=args.steps, tile_size=args.tile_size, guidance_scale=args.guidance,
-                                      tile_overlap=args.tile_overlap).items() if v is not None}
+    settings = {k: v for k, v in dict(num_inference_steps=args.steps, tile_size=args.tile_size,
+                                      guidance_scale=args.guidance, tile_overlap=args.tile_overlap).items()
+                if v is not None}
     effective = pipe.effective_settings(**settings)
     print(f"model: {name}; threads: {torch.get_num_threads()}; settings: "
           f"{ {k: effective[k] for k in ('num_inference_steps', 'guidance_scale', 'tile_size', 'tile_overlap')} }")
@@ -74,7 +75,8 @@ def sd3_like_vae(width_divisor: int = 1) -> AutoencoderKL:
     torch.manual_seed(0)
     widths = tuple(c // width_divisor for c in (128, 256, 512, 512))
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
-                         norm_num_groups=min(32, widths[0]), block_out_channels=widths, down_block_types=("DownEncoderBlock2D",) * 4,
+                         norm_num_groups=min(32, widths[0]), block_out_channels=widths,
+                         down_block_types=("DownEncoderBlock2D",) * 4,
                          up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=1.5305, shift_factor=0.0609,
                          use_quant_conv=False, use_post_quant_conv=False).eval()
 

@@ -168,7 +168,6 @@ def bench_transformer(args, config, device, dtype, peak_tflops) -> dict:
         print(f"  compiled in {results['compile_seconds']:.1f} s", flush=True)
         for batch in args.batches:
             measure("ours fused compiled", batch)
-    del model
     return results
 
 

@@ -5,8 +5,9 @@ Inputs are image or video files, directories (searched recursively) or fsspec UR
 relative to that directory); a video keeps its container (``.mp4`` stays ``.mp4``), frame timestamps, colour
 tags and audio/subtitle streams, and all its frames share one noise field from ``--seed`` (no flicker from
 noise) — through the same codec layer as the catalog job (``media.video``). Outputs are written to a
-temporary name and renamed when complete, so a crash never leaves a partial file under the final name. An input that cannot be read, is not an image, is
-truncated or exceeds ``--max-pixels`` fails alone with a one-line reason on stderr; the others are
+temporary name and renamed when complete, so a crash never leaves a partial file under the final name. An input
+that cannot be read, is not an image, is truncated or exceeds ``--max-pixels`` fails alone with a one-line reason
+on stderr; the others are
 still processed. Exit codes as the catalog job's: 0 all written, 1 nothing could be done (an unloadable model, no
 input naming anything) with one ``dit4sr-upscale: error:`` line, 2 a bad command line, 3 some inputs failed.
 

@@ -123,7 +123,8 @@ class _Tile:
         """The core region of an activation of this tile, at the activation's own resolution."""
         (top, bottom, left, right), (y0, y1, x0, x1) = self.core, self.crop
         sy, sx = x.shape[-2] / (y1 - y0), x.shape[-1] / (x1 - x0)
-        return x[:, :, round((top - y0) * sy):round((bottom - y0) * sy), round((left - x0) * sx):round((right - x0) * sx)]
+        rows = slice(round((top - y0) * sy), round((bottom - y0) * sy))
+        return x[:, :, rows, round((left - x0) * sx):round((right - x0) * sx)]
 
 
 def _segments(ops: list[_Op]) -> list[tuple[nn.GroupNorm | None, list[_Op]]]:

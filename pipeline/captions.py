@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import io
 import math
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 

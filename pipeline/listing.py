@@ -260,7 +260,7 @@ def read_manifest(uri: str, storage_options: dict[str, Any]) -> Inventory:
                           "or Parquet")
     if file_format == "CSV":
         columns = tuple(_CSV_NAMES.get(name.strip(), name.strip()) for name in manifest["fileSchema"].split(","))
-    else:  # "message s3.inventory { required binary bucket (UTF8); required binary key (UTF8); optional int64 size; ..."
+    else:  # "message s3.inventory { required binary bucket (UTF8); required binary key (UTF8); ..."
         body = manifest["fileSchema"].partition("{")[2].rpartition("}")[0]
         columns = tuple(field.split("(")[0].split()[-1] for field in body.split(";") if field.strip())
     missing = [name for name in _NEEDED if name not in columns]

@@ -411,8 +411,8 @@ def _prompts_html(digest: RunDigest) -> str:
         out.append(f"<tr><td>{_keys(row)}</td><td>{html.escape(row['prompt'])}{caption}</td></tr>")
     out.append("</tbody></table>")
     if digest.prompted_count > len(prompted):
-        out.append(f"<p class=muted>and {digest.prompted_count - len(prompted)} more: the manifests' <code>prompt</code> "
-                   "column has every one.</p>")
+        out.append(f"<p class=muted>and {digest.prompted_count - len(prompted)} more: the manifests' "
+                   "<code>prompt</code> column has every one.</p>")
     return "".join(out)
 
 

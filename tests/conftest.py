@@ -21,9 +21,10 @@ _RAY_TMPDIR = None
 if "RAY_TMPDIR" not in os.environ:
     os.environ["RAY_TMPDIR"] = _RAY_TMPDIR = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
-import pytest
-from support import CI, REPO
-from support.tiny_components import TINY_SETTINGS, TINY_TEXT_RECOMMENDED, TINY_TRANSFORMER
+# Imported after the environment above is set: what they import (Ray among it) reads it at import.
+import pytest  # noqa: E402
+from support import CI, REPO  # noqa: E402
+from support.tiny_components import TINY_SETTINGS, TINY_TEXT_RECOMMENDED, TINY_TRANSFORMER  # noqa: E402
 
 # Ray workers and job subprocesses import the test engines (support.engines) and dit4sr/pipeline from the checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), str(REPO),

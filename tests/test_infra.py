@@ -309,7 +309,8 @@ def test_entrypoints_configs_and_files_named_in_infra_exist():
     copied = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", _dockerfile(), re.M)
     assert [source for line in copied for source in line.split() if not (REPO / source).exists()] == []
     # every package pyproject.toml installs is in the image
-    packages = re.findall(r'"(\w+)\*"', re.search(r"^include = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)[1])
+    include = re.search(r"^include = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)[1]
+    packages = re.findall(r'"(\w+)\*"', include)
     assert {"dit4sr", "media", "pipeline"} <= set(packages) <= {source for line in copied for source in line.split()}
 
 

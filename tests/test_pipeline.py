@@ -16,8 +16,8 @@ from support.tiny_components import (
 
 from dit4sr import DiT4SRTransformerOutput, compose_prompt
 from dit4sr.devices import resolve_device, resolve_dtype
-from dit4sr.settings import OFFICIAL_SETTINGS
 from dit4sr.prompt_cache import PromptEncoder
+from dit4sr.settings import OFFICIAL_SETTINGS
 from dit4sr.tiling import whole_image_noise
 
 # process_size=0 skips the official short-side raise (to 512 px) so that tests stay small and fast.
@@ -181,7 +181,8 @@ def test_recommended_settings_precedence():
     settings = pipe.effective_settings(color_fix="wavelet")
     assert (settings["num_inference_steps"], settings["color_fix"], settings["tile_size"]) == (1, "wavelet", 32)
     assert settings["guidance_scale"] == 8.0
-    one_step = pipe(random_image(16, 16), guidance_scale=1.0, show_progress=False, output_type="np", process_size=0).images[0]
+    one_step = pipe(random_image(16, 16), guidance_scale=1.0, show_progress=False, output_type="np",
+                    process_size=0).images[0]
     explicit = pipe(random_image(16, 16), color_fix="none", tile_size=32,
                     **{**FAST, "num_inference_steps": 1}).images[0]
     assert one_step.tobytes() == explicit.tobytes()

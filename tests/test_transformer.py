@@ -28,7 +28,8 @@ def model_for(golden_dir, release, model_release=None):
 
 
 def run(model, io, **overrides):
-    inputs = {k: io[k] for k in ("hidden_states", "lr_latents", "encoder_hidden_states", "pooled_projections", "timestep")}
+    names = ("hidden_states", "lr_latents", "encoder_hidden_states", "pooled_projections", "timestep")
+    inputs = {k: io[k] for k in names}
     inputs.update(overrides)
     with torch.no_grad():
         return model(**inputs).sample

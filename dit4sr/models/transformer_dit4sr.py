@@ -119,7 +119,8 @@ class DiT4SRTransformer2DModel(ModelMixin, ConfigMixin):
             )
         if lr_latents.shape != hidden_states.shape:
             raise ValueError(
-                f"lr_latents shape {tuple(lr_latents.shape)} must equal hidden_states shape {tuple(hidden_states.shape)}"
+                f"lr_latents shape {tuple(lr_latents.shape)} must equal hidden_states shape "
+                f"{tuple(hidden_states.shape)}"
             )
         height, width = hidden_states.shape[-2:]
         if height % cfg.patch_size or width % cfg.patch_size:

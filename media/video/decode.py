@@ -30,7 +30,8 @@ def decode_segment(data: bytes, segment: Segment, name: str) -> Iterator[np.ndar
     frames = _decoded(decoder, staged, parameters, segment, name)
     if segment.deinterlace:
         frames = _deinterlaced(frames, parameters, segment.field_rate)
-    wanted = _wanted_fields(segment) if segment.field_rate else (lambda pts: segment.first_pts <= pts <= segment.last_pts)
+    wanted = _wanted_fields(segment) if segment.field_rate \
+        else (lambda pts: segment.first_pts <= pts <= segment.last_pts)
     yielded = 0
     last = None
     for frame in frames:

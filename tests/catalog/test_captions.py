@@ -88,7 +88,8 @@ def test_a_bad_caption_model_fails_the_job_before_any_input_with_one_line(tiny_t
     write_catalog(tmp_path / "in", small_catalog(2))
     for where, cause in ((tmp_path / "nowhere", "no such folder, or it is empty"),
                          (tiny_text_model_root, "no config.json there"),
-                         (tiny_text_model_root / "text_encoder", "its config.json describes a 'clip_text_model' model")):
+                         (tiny_text_model_root / "text_encoder",
+                          "its config.json describes a 'clip_text_model' model")):
         with pytest.raises(ConfigError) as error:
             run_job(validate_config(_config(tmp_path, tiny_text_model_root, where)))
         assert str(error.value).startswith(f"upscale.caption.model {where}: {cause}")

@@ -20,7 +20,8 @@ from pipeline.run import EXIT_INPUTS_FAILED, run_job
 @pytest.mark.slow
 def test_storage_option_credentials_are_written_nowhere(ray_local, bucket, s3_server, capsys, caplog):
     key_id, secret = f"AKIACANARY{uuid.uuid4().hex[:10].upper()}", f"dit4sr-canary-secret-{uuid.uuid4().hex}"
-    options = {"key": key_id, "secret": secret, "endpoint_url": s3_server, "client_kwargs": {"region_name": "us-east-1"}}
+    options = {"key": key_id, "secret": secret, "endpoint_url": s3_server,
+               "client_kwargs": {"region_name": "us-east-1"}}
     fs = s3fs.S3FileSystem(**options)
     for key, data in {**small_catalog(3), "broken/empty.png": b""}.items():
         fs.pipe_file(f"{bucket}/in/{key}", data)

@@ -182,7 +182,8 @@ def test_field_rate_deinterlacing_through_the_job(ray_local, tmp_path):
     says so."""
     folder = tmp_path / "in"
     folder.mkdir()
-    made = {kind: getattr(video_corpus, kind)(folder)[0] for kind in ("mpeg2_tff_ts", "dv_pal_bff_avi", "mp4_edit_list")}
+    made = {kind: getattr(video_corpus, kind)(folder)[0]
+            for kind in ("mpeg2_tff_ts", "dv_pal_bff_avi", "mp4_edit_list")}
     config = video_config(tmp_path, video={"deinterlace_rate": "field", "segment_seconds": 0.16})
     assert run_job(validate_config(config)) == EXIT_OK
     rows = manifests(tmp_path / "out")

@@ -31,7 +31,8 @@ TINY_TEXT_RECOMMENDED = {"num_inference_steps": 2, "guidance_scale": 2.0, "tile_
 
 JOINT_DIM = 16
 POOLED_DIM = 12
-WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + ["a", "photo", "of", "cat", "dog", "red", "blue", "sharp", "clean", "cinematic", "detailed"]
+WORDS = ["<pad>", "<unk>", "<s>", "</s>"] + ["a", "photo", "of", "cat", "dog", "red", "blue", "sharp", "clean",
+                                             "cinematic", "detailed"]
 
 
 def tiny_transformer(in_channels=4, seed=0, **overrides) -> DiT4SRTransformer2DModel:
@@ -122,7 +123,8 @@ def save_model_root(pipe: DiT4SRPipeline, root, recommended=None, text_encoders=
 
 
 # -- a tiny vision-language model for captions (dit4sr.captioning) ---------------------------------------------------
-CAPTION_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", ".", "a", "the", "cat", "dog", "sits",
+CAPTION_WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", ".", "a", "the", "cat", "dog",
+                 "sits",
                  "on", "red", "blue", "mat", "sharp", "photo", "of", "focus", "is", "blurred", "background", "tree",
                  "house", "near", "bright", "green", "boat", "sky", "river", "small", "old"]
 CAPTION_CHAT_TEMPLATE = (

@@ -5,9 +5,9 @@ Valid clips (64x36 to 213x121, about 1 s, 25 fps unless noted; x264 with B-frame
     moving_clip, static_clip, audio_clip (AAC), subtitle_clip (Matroska: AAC + ASS + SRT + font + chapters),
     mov_text_clip (MP4: AAC + mov_text), vfr_clip (variable frame rate + AAC), odd_size_clip (212x120),
     odd_dimensions_clip (213x121, FFV1), ten_bit_clip (yuv420p10le), rotated_clip (display matrix),
-    full_range_clip (yuvj420p), tagged_clip (colour tags), open_gop_clip (HEVC, CRA keyframes), patch_clip (known colour patches coded losslessly from
-    reference YUV, see `rgb_to_yuv`), mid_gop_clip (starts before its first keyframe: its first frames cannot be
-    decoded).
+    full_range_clip (yuvj420p), tagged_clip (colour tags), open_gop_clip (HEVC, CRA keyframes), patch_clip (known
+    colour patches coded losslessly from reference YUV, see `rgb_to_yuv`), mid_gop_clip (starts before its first
+    keyframe: its first frames cannot be decoded).
 Bad inputs:
     empty_file, not_a_video_file, audio_only_file, zero_frame_clip, truncated_clip (MP4 and Matroska),
     corrupt_packet_clip (one packet cut in half mid-stream), unsupported_codec_clip (AVS2 in Matroska: FFmpeg knows
