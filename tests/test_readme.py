@@ -46,6 +46,10 @@ def test_the_readme_marks_its_single_machine_walk_through():
         assert needed in commands, needed
     assert commands.index("ray start --head") < commands.index("ray job submit") < commands.index("duckdb")
     assert "kubectl" not in commands and "s3://" not in commands and "ray stop" not in commands
+    assert "duckdb -c" not in commands  # DuckDB's CLI is not what `pip install` brings; its Python module is
+    text = (REPO / "README.md").read_text()
+    getting = text[text.index("**Getting them**"):]
+    assert "**non-commercial**" in getting[:800]  # the weights' licence, where the README says how to get them
 
 
 def _repository_copy(target: pathlib.Path) -> None:
@@ -96,6 +100,8 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
         _stop_processes_of(ray_tmpdir)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
     output = result.stdout
+    (REPO / "test-artifacts").mkdir(exist_ok=True)  # what a newcomer would have seen, kept for reading (git-ignored)
+    (REPO / "test-artifacts" / "readme_walkthrough.log").write_text(output)
     assert result.returncode == 0, output[-8000:]
     blocks = dict(re.findall(r"^### block (\d+)\n(.*?)(?=^### block |\Z)", output, re.M | re.S))
     first, again, submitted, query = (blocks[str(number)] for number in range(4))

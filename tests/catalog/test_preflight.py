@@ -60,13 +60,21 @@ def test_a_mistyped_input_folder_on_the_embedded_default_is_an_error_not_a_demo(
     assert not missing.exists() and not (tmp_path / "out").exists()
 
 
-def test_errors_are_reported_before_ray_or_torch_is_imported(tmp_path):
-    """The typo path of the job command imports neither (python -X importtime lists every module it imports)."""
-    for args, expected in ((["--set", "upscale.scael=2"], "upscale.scael: unknown key"),
-                           (["--set", f"input.uri={tmp_path / 'nope'}"], "no such folder")):
+def test_errors_are_reported_before_ray_or_torch_is_imported(tmp_path, bucket, s3_options, s3_authentication):
+    """A config typo, a missing folder or bucket, refused credentials: the job command reports each without
+    importing Ray or torch (python -X importtime lists every module it imports)."""
+    s3 = ["--set", f"input.storage_options={json.dumps(s3_options)}", "--set", f"output.uri={tmp_path / 'out'}"]
+    cases = [(["--set", "upscale.scael=2"], "upscale.scael: unknown key"),
+             (["--set", f"input.uri={tmp_path / 'nope'}"], "no such folder"),
+             (["--set", "input.uri=s3://no-such-bucket/in", *s3], "no such bucket"),
+             (["--set", f"input.uri=s3://{bucket}/in", *s3], "credentials refused")]
+    for number, (args, expected) in enumerate(cases):
+        if expected == "credentials refused":
+            s3_authentication()  # the server checks signatures from now on: the key "testing" is unknown to it
         result = subprocess.run([sys.executable, "-X", "importtime", str(JOB), *args], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
-        assert result.returncode == EXIT_JOB_FAILED and expected in result.stderr, result.stderr[-2000:]
+        assert result.returncode == EXIT_JOB_FAILED and "upscale_catalog: error: " in result.stderr, number
+        assert expected in result.stderr, result.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                     if line.startswith("import time:")}
         assert "pipeline.config" in imported
@@ -109,11 +117,17 @@ def test_local_input_and_output_errors_name_the_uri_and_cause(tmp_path):
         run_job(validate_config(job_config(str(tmp_path / "nope"), output)), dry_run=True)
 
 
-def test_an_empty_input_is_a_success_with_0_inputs(ray_local, tmp_path):
+def test_an_empty_input_is_a_success_with_0_inputs_and_says_where_its_results_are(ray_local, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     assert run_job(validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out")))) == EXIT_OK
-    summary = json.loads(next((tmp_path / "out").glob("_manifests/run=*/_summary.json")).read_text())
+    summary_path = next((tmp_path / "out").glob("_manifests/run=*/_summary.json"))
+    summary = json.loads(summary_path.read_text())
     assert (summary["inputs"], summary["ok"], summary["failed"]) == (0, 0, 0)
+    out = tmp_path / "out"
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        f"outputs:   {out}/", f"report:    {file_url(str(summary_path.parent / '_report.html'))}",
+        f"manifests: {out}/_manifests/*/*.parquet (this run: run_id = '{summary['run_id']}'; one row per run: "
+        f"{out}/_manifests/_index/runs/*.parquet)"]
 
 
 def test_missing_buckets_are_named(bucket, s3_options):
