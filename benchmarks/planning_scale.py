@@ -174,12 +174,14 @@ def build(root: Path, inputs: int, runs: int, churn_share: float) -> None:
 
 
 # -- measuring ---------------------------------------------------------------------------------------------------
-def _rss(pid: int) -> int:
+def _memory(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssShmem of a process in bytes (Linux /proc), zeros once it is gone."""
     try:
-        with open(f"/proc/{pid}/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):  # gone meanwhile
-        return 0
+        with open(f"/proc/{pid}/status") as handle:
+            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "RssAnon", "RssShmem")))
+        return {name: int(value.split()[0]) * 1024 for name, value in fields.items()}
+    except (OSError, ValueError):  # gone meanwhile
+        return {"VmRSS": 0, "RssAnon": 0, "RssShmem": 0}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -203,7 +205,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 class RssSampler:
-    """Peak RSS of this process and of the whole Ray session (this process and its children), sampled."""
+    """Peak RSS of this process and peak memory of the whole Ray session (this process and its children), sampled."""
 
     def __init__(self, interval: float = 0.2):
         self.interval, self.driver, self.session = interval, 0, 0
@@ -211,8 +213,12 @@ class RssSampler:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> int:
-        driver = _rss(os.getpid())
-        total = driver + sum(_rss(pid) for pid in _descendants(os.getpid()))
+        """The driver's RSS now. The session's memory: every process's own (anonymous) pages, plus the object
+        store's shared pages once (each process that reads an object maps them: summing RSS would count them
+        once per reader)."""
+        driver = _memory(os.getpid())["VmRSS"]
+        others = [_memory(pid) for pid in [os.getpid(), *_descendants(os.getpid())]]
+        total = sum(m["RssAnon"] for m in others) + max(m["RssShmem"] for m in others)
         self.driver, self.session = max(self.driver, driver), max(self.session, total)
         return driver
 
@@ -295,8 +301,10 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
         assert len(result.skipped) == args.inputs and not result.todo and not result.rejected, \
             (len(result.skipped), len(result.todo), len(result.rejected))
         del result
-        result, warm_s = timed("plan again, warm workers", plan.make_plan, cfg, spec)
-        del result
+        warm_s = None
+        if args.warm:
+            result, warm_s = timed("plan again, warm workers", plan.make_plan, cfg, spec)
+            del result
         churn = max(1, int(args.inputs * args.churn))
         run_id = "20990101T000000Z-bench1"
         run_folder = Path(cfg.output.uri, manifest.run_dir(run_id))
@@ -304,19 +312,22 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
         pq.write_table(run_table(run_id, np.arange(churn), np.full(args.inputs, 99),
                                  spec.unit_fingerprint("image", spec.fingerprint),
                                  dt.datetime(2099, 1, 1, tzinfo=dt.timezone.utc)), run_folder / "part-bench.parquet")
-        shutil.copy(state_file, root / "state-before-fold.parquet")  # the history stays as built, for re-runs
-        try:
-            _, fold_s = timed(f"a run's end: fold its {churn:,} rows into the state (state.fold)", state.fold,
-                              Location(cfg.output.uri, {}))
-        finally:
-            shutil.move(root / "state-before-fold.parquet", state_file)
-            shutil.rmtree(run_folder)
+        fold_s = None
+        if not args.skip_fold:
+            shutil.copy(state_file, root / "state-before-fold.parquet")  # the history stays as built, for re-runs
+            try:
+                _, fold_s = timed(f"a run's end: fold its {churn:,} rows into the state (state.fold)", state.fold,
+                                  Location(cfg.output.uri, {}))
+            finally:
+                shutil.move(root / "state-before-fold.parquet", state_file)
+        shutil.rmtree(run_folder)
     ray.shutdown()
     print(f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"planning {args.inputs:,} inputs from {source} with {args.runs} runs of history: {plan_s:.1f} s "
-          f"({warm_s:.1f} s warm); fold "
-          f"{fold_s:.1f} s; peak RSS: driver {rss.driver / GIB:.2f} GiB sampled while planning and folding, Ray "
-          f"session (driver + workers + raylet + GCS + object store) {rss.session / GIB:.2f} GiB")
+    warm = f" ({warm_s:.1f} s with warm workers)" if warm_s is not None else ""
+    fold = f"; fold {fold_s:.1f} s" if fold_s is not None else ""
+    print(f"planning {args.inputs:,} inputs from {source} with {args.runs} runs of history: {plan_s:.1f} s{warm}"
+          f"{fold}; peak memory: driver RSS {rss.driver / GIB:.2f} GiB (sampled), Ray session (every process's "
+          f"own pages + the object store's once) {rss.session / GIB:.2f} GiB")
     print(f"plan_seconds={plan_s:.1f}")
     print(f"driver_peak_rss_gib={driver_peak_gib():.2f}")
 
@@ -383,6 +394,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--churn", type=float, default=0.01, help="share of the catalog each later run redid")
     parser.add_argument("--inventory", action="store_true", help="inputs from a synthetic S3 Inventory report")
+    parser.add_argument("--warm", action="store_true", help="plan a second time, on warm Ray workers")
+    parser.add_argument("--skip-fold", action="store_true", help="leave out folding one more run into the state")
     parser.add_argument("--process", type=int, default=0, metavar="N",
                         help="instead: run the job over N tiny photos and report the driver's RSS over the run")
     parser.add_argument("--batch-size", type=int, default=64, help="--process: compute.batch_size")

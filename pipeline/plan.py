@@ -16,7 +16,6 @@ that cannot be processed safely are rejected here as ``failed`` rows.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import io
 import logging
@@ -265,6 +264,7 @@ class _Planner:
         self.source, self.output = locations(cfg)
         self.plan = Planned()
         self.prompts, self.previous, self.existing = prompts, previous, existing
+        self._fingerprints: dict[tuple[str, str | None], str] = {}
         self.claimed: dict[str, str] = {}
 
     # Rows -------------------------------------------------------------------------------------------------
@@ -301,8 +301,15 @@ class _Planner:
         set_caption(row, done["caption"], self.spec, done["caption_run_id"])
         return True
 
-    @functools.cache  # noqa: B019 - one planner per run; a few distinct prompts, a million rows
     def unit_fingerprint(self, unit: str, prompt: str | None) -> str:
+        # Per planner (a few distinct prompts, a million rows): a cache on the method would keep every planner
+        # a planning worker ever ran, and its bucket's rows, alive.
+        key = (unit, prompt)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = self._unit_fingerprint(unit, prompt)
+        return self._fingerprints[key]
+
+    def _unit_fingerprint(self, unit: str, prompt: str | None) -> str:
         """A per-source prompt changes that source's output only, so it goes into that row's fingerprint; a
         captioned row's (``prompt`` None) has the caption settings instead, which decide its caption."""
         settings = self.spec.settings
