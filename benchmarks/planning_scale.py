@@ -216,9 +216,9 @@ class RssSampler:
         """The driver's RSS now. The session's memory: every process's own (anonymous) pages, plus the object
         store's shared pages once (each process that reads an object maps them: summing RSS would count them
         once per reader)."""
-        driver = _memory(os.getpid())["VmRSS"]
+        driver = _memory(os.getpid()).get("VmRSS", 0)
         others = [_memory(pid) for pid in [os.getpid(), *_descendants(os.getpid())]]
-        total = sum(m["RssAnon"] for m in others) + max(m["RssShmem"] for m in others)
+        total = sum(m.get("RssAnon", 0) for m in others) + max(m.get("RssShmem", 0) for m in others)
         self.driver, self.session = max(self.driver, driver), max(self.session, total)
         return driver
 
@@ -284,11 +284,11 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
     real_list_blocks = listing.list_blocks
     read = ray.remote(_read_entries).options(num_cpus=listing.LIST_TASK_CPUS)
 
-    def synthetic_listing(location, include=None, exclude=None, *, in_tasks):
+    def synthetic_listing(location, include=None, exclude=None, *, in_tasks, case_sensitive=True):
         """The synthetic listing's blocks, read by tasks as the parallel listing's would be made."""
         kind = {INPUT_URI: "inputs", output_uri: "outputs"}.get(location.uri)
         if kind is None:
-            return real_list_blocks(location, include, exclude, in_tasks=in_tasks)
+            return real_list_blocks(location, include, exclude, in_tasks=in_tasks, case_sensitive=case_sensitive)
         return [read.remote(str(path)) for path in sorted((root / "listing").glob(f"{kind}-*.parquet"))]
 
     source = "an S3 Inventory report (Parquet)" if args.inventory else "a listing"
