@@ -25,8 +25,8 @@ import PIL.Image
 import torch
 
 from .devices import resolve_device, resolve_dtype
+from .files import local_copy
 from .image_processing import to_float_rgb, to_pil
-from .storage import local_copy
 
 OFFICIAL_CAPTION_QUESTION = (
     "Please describe the actual objects in the image in a very detailed manner. "

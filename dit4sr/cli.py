@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import fsspec
 from PIL import Image
 
-from .storage import temp_name, write_atomic
+from .files import temp_name, write_atomic
 
 if TYPE_CHECKING:
     import torch

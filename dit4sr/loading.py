@@ -9,7 +9,7 @@ from typing import Any
 import fsspec
 import torch
 
-from .storage import local_copy
+from .files import local_copy
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled", "dit4sr-tiny")
 TEXT_COMPONENTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")

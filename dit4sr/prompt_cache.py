@@ -46,7 +46,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .devices import resolve_device, resolve_dtype
-from .storage import local_copy, write_atomic
+from .files import local_copy, write_atomic
 
 FORMAT = "dit4sr-prompt-embedding/1"
 NULL_EMBEDDING_PATH = "prompt_embeds/null.safetensors"

@@ -27,7 +27,7 @@ from .image import (
     encode_image,
     image_size,
     output_extension,
-    to_float_rgb,
+    to_float_pixels,
 )
 
 IMAGE = "image"
@@ -50,7 +50,7 @@ __all__ = [
     "image_size",
     "kind_of",
     "output_extension",
-    "to_float_rgb",
+    "to_float_pixels",
 ]
 
 

@@ -173,7 +173,7 @@ def output_extension(source_name: str, output_format: str) -> str:
     return _FORMATS[key].extension
 
 
-def to_float_rgb(pixels: np.ndarray) -> np.ndarray:
+def to_float_pixels(pixels: np.ndarray) -> np.ndarray:
     """Decoded pixels -> float32 RGB(A) in [0, 1], the input `encode_image` expects back: gray is replicated."""
     scale = np.float32(np.iinfo(pixels.dtype).max) if pixels.dtype.kind == "u" else np.float32(1)  # EXR: float
     values = pixels.astype(np.float32) / scale

@@ -124,7 +124,7 @@ class Captioner:
             _fail(row, "decode_failed", exc)
             return
         try:
-            caption = self.captioner.caption(media.to_float_rgb(decoded.pixels))
+            caption = self.captioner.caption(media.to_float_pixels(decoded.pixels))
         except Exception as exc:  # noqa: BLE001 - one input's captioning failure is that input's alone
             _fail(row, "caption_failed", exc)
             return
@@ -167,7 +167,7 @@ def _middle_frame(row: dict[str, Any], source: Location, output: Location) -> by
     frames = video.decode_segment(row.pop("data"), segment, row["source_key"])
     middle = next(frame for number, frame in enumerate(frames) if number == segment.output_frames // 2)
     frames.close()
-    pixels = np.clip(media.to_float_rgb(middle)[..., :3] * 255 + 0.5, 0, 255).astype(np.uint8)
+    pixels = np.clip(media.to_float_pixels(middle)[..., :3] * 255 + 0.5, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
     return buffer.getvalue()

@@ -227,7 +227,7 @@ class ComputeConfig(_Section):
 
 
 class LockConfig(_Section):
-    """The run lock (pipeline.lease): one run at a time per output.uri."""
+    """The run lock (pipeline.run_lock): one run at a time per output.uri."""
 
     enabled: bool = True
     ttl_s: float = Field(300, ge=1)  # a dead run's lock is taken over this long after its last renewal

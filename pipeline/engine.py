@@ -219,6 +219,17 @@ def tiles_per_frame(cfg: JobConfig, settings: dict[str, Any], width: int, height
                          max_latent_side=max_side * settings["patch_size"] if max_side else None).tiles
 
 
+def sampler_steps(settings: dict[str, Any]) -> int:
+    """Denoising steps per tile (engines without steps: one)."""
+    return settings.get("num_inference_steps") or 1
+
+
+def tile_steps(cfg: JobConfig, settings: dict[str, Any], width: int, height: int, frames: int = 1) -> int:
+    """Sampler work of ``frames`` frames of ``width x height``: tiles per frame x frames x steps — what the dry run
+    estimates and the run's metrics count."""
+    return tiles_per_frame(cfg, settings, width, height) * frames * sampler_steps(settings)
+
+
 @functools.cache
 def _transformer_config_at(uri: str, options: str) -> dict[str, Any]:
     return _read_json(Location(uri, json.loads(options)), "transformer/config.json") or {}

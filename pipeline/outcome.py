@@ -8,7 +8,7 @@ EXIT_OK = 0  # every input ok (or already done)
 EXIT_JOB_FAILED = 1  # the job itself failed: bad config, a location it cannot use, cluster trouble
 EXIT_USAGE = 2  # a bad command line (argparse's own code)
 EXIT_INPUTS_FAILED = 3  # the job finished, but some inputs have `failed` rows
-EXIT_LOCKED = 4  # another run holds the output's run lock (pipeline.lease); nothing was done
+EXIT_LOCKED = 4  # another run holds the output's run lock (pipeline.run_lock); nothing was done
 
 MEANINGS = {
     EXIT_OK: "every input ok (or already done)",

@@ -41,7 +41,7 @@ from media.video import mezzanine
 
 from . import listing, manifest, sequence_movie, state, video_index
 from .config import ConfigError, JobConfig, fingerprint
-from .engine import output_size_error, prompt_text, tiles_per_frame
+from .engine import output_size_error, prompt_text, sampler_steps, tiles_per_frame
 from .preflight import check_output_outside_input, locations  # noqa: F401 - also used from here
 from .spec import RunSpec
 from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher
@@ -764,7 +764,7 @@ def estimate(plan: Plan, cfg: JobConfig, threads: int = 16) -> dict[str, Any]:
     """Dry-run cost: read only image headers of pending photos (clips were indexed while planning), count sampler
     tiles x steps, per frame for clips."""
     source, _ = locations(cfg)
-    steps = plan.settings.get("num_inference_steps") or 1
+    steps = sampler_steps(plan.settings)
 
     def frame_size(row: dict[str, Any]) -> tuple[int, int]:
         if row["unit"] == "image":

@@ -213,7 +213,7 @@ def _rgb(data: bytes, name: str, max_pixels: int) -> Image.Image:
 
 
 def _to_image(decoded: np.ndarray) -> Image.Image:
-    pixels = media.to_float_rgb(decoded)
+    pixels = media.to_float_pixels(decoded)
     if pixels.shape[2] == 4:
         pixels = pixels[:, :, :3] * pixels[:, :, 3:] + (1 - pixels[:, :, 3:])
     return Image.fromarray((np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")

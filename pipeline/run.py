@@ -21,11 +21,11 @@ from .clips import ClipFinisher, remove_staged
 from .config import JobConfig
 from .engine import engine_run_settings, resolve_settings
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
-from .lease import RunLease, RunLocked
 from .metrics import RunMetrics
 from .outcome import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_LOCKED, EXIT_OK  # noqa: F401 - the job's codes
 from .plan import Plan, estimate, locations, make_plan
 from .progress import FrameCounter, Progress
+from .run_lock import RunLock, RunLocked
 from .spec import RunSpec
 from .storage import Location
 from .upscaler import Upscaler, read_sources, write_outputs
@@ -161,7 +161,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, break_lock: bool = False) 
     if dry_run:
         return _dry_run(prepare(cfg, dry_run=True), cfg)
     _, output = locations(cfg)
-    lock = (RunLease(output, cfg.run.lock, break_lock=break_lock) if cfg.run.lock.enabled
+    lock = (RunLock(output, cfg.run.lock, break_lock=break_lock) if cfg.run.lock.enabled
             else contextlib.nullcontext())
     try:
         with lock:  # held from before planning until the summary is written

@@ -59,7 +59,7 @@ def _sha256_file(path: str) -> str:
 def _frame(output: Location, key: str, max_pixels: int):
     """One committed output frame as float HxWx3 RGB in [0, 1] (gray replicated, alpha dropped), and its depth."""
     image = media.decode_image(output.read(key), key, max_pixels)
-    return media.to_float_rgb(image.pixels)[..., :3], image.info.bit_depth
+    return media.to_float_pixels(image.pixels)[..., :3], image.info.bit_depth
 
 
 def encode_movie(output: Location, frame_keys: list[str], path: str, spec: RunSpec) -> dict[str, Any]:

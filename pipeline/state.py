@@ -38,7 +38,7 @@ log = logging.getLogger("pipeline")
 STATE_KEY = f"{manifest.MANIFEST_DIR}/_index/units/latest.parquet"
 RUNS_DIR = f"{manifest.MANIFEST_DIR}/_index/runs"
 _FOLDED = b"dit4sr.folded_runs"  # state metadata: JSON list of the run ids folded into it
-# A killed write's temp file (dit4sr.storage.temp_name): hidden, the target's name, a uuid4 hex, ".tmp".
+# A killed write's temp file (dit4sr.files.temp_name): hidden, the target's name, a uuid4 hex, ".tmp".
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 STALE_TEMP_AGE_S = 3600.0  # far above any single write; younger temp files may belong to a live writer
 
@@ -280,17 +280,6 @@ def record_run(output: Location, summary: dict[str, Any], *, started_at: dt.date
     key = f"{RUNS_DIR}/{summary['run_id']}.parquet"
     output.write_atomic(key, manifest.table_bytes(pa.Table.from_pylist([row], schema=RUNS_SCHEMA)))
     return output.url(key)
-
-
-def read_runs(output: Location) -> pa.Table:
-    """The runs index, oldest run first."""
-    entries = Location(output.url(RUNS_DIR), output.storage_options).list(include=["*.parquet"])
-    if not entries:
-        return RUNS_SCHEMA.empty_table()
-    tables = [with_retries(lambda key=entry.relative: pq.read_table(output.fs.open(output.path(f"{RUNS_DIR}/{key}"),
-                                                                                    "rb")))
-              for entry in entries]
-    return pa.concat_tables(tables).sort_by([("started_at", "ascending"), ("run_id", "ascending")])
 
 
 def _record_unrecorded(output: Location, files: manifest.RunFiles) -> None:

@@ -18,7 +18,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
-from dit4sr.storage import temp_name, write_atomic
+from dit4sr.files import temp_name, write_atomic
 
 T = TypeVar("T")
 
@@ -241,7 +241,7 @@ class Location:
 
     def write_atomic(self, relative: str, data: bytes) -> Entry:
         """Write so that readers see the old object or the whole new one, never a part of it (see
-        ``dit4sr.storage.write_atomic``); returns the written object's entry."""
+        ``dit4sr.files.write_atomic``); returns the written object's entry."""
         path = self.path(relative)
         # S3: a Content-Type lets browsers and CDNs serve the output straight from the bucket.
         content_type = mimetypes.guess_type(path)[0] if "s3" in _protocols(self.fs) else None

@@ -263,7 +263,7 @@ class Upscaler:
         row.update(width=width, height=height, source_format=decoded.info.format)
         if not self._check_output_size(row, width, height):
             return None
-        upscaled = self._upscale_checked(row, [media.to_float_rgb(decoded.pixels)], [seed])
+        upscaled = self._upscale_checked(row, [media.to_float_pixels(decoded.pixels)], [seed])
         if upscaled is None:
             return None
         row.update(out_width=width * self.spec.scale, out_height=height * self.spec.scale)
@@ -297,7 +297,7 @@ class Upscaler:
                                        progressive=segment.deinterlace or not index.interlaced)
         done = segment.start * (2 if segment.field_rate else 1)  # output frames before the segment's
         for chunk in _batched(frames, self.spec.frames_per_call):
-            sources = [media.to_float_rgb(frame) for frame in chunk]
+            sources = [media.to_float_pixels(frame) for frame in chunk]
             upscaled = self._upscale_checked(row, sources, self._frame_seeds(task, done, len(chunk)))
             if upscaled is None:
                 return row
@@ -335,7 +335,7 @@ class Upscaler:
                     return _fail(row, "sequence_mixed_sizes", f"{key} is {image.pixels.shape[1]}x"
                                  f"{image.pixels.shape[0]}, the sequence's frames are {size[1]}x{size[0]}")
                 decoded.append(image)
-            sources = [media.to_float_rgb(image.pixels) for image in decoded]
+            sources = [media.to_float_pixels(image.pixels) for image in decoded]
             upscaled = self._upscale_checked(row, sources, self._frame_seeds(task, row["frame_start"] + start,
                                                                               len(sources)))
             if upscaled is None:

@@ -17,7 +17,7 @@ from media import (
     decode_image,
     encode_image,
     output_extension,
-    to_float_rgb,
+    to_float_pixels,
 )
 
 LIMIT = 10_000_000
@@ -68,7 +68,7 @@ def png_with_garbage_pixels(width: int, height: int) -> bytes:
 
 def upscale(decoded, factor: int = 2) -> np.ndarray:
     """What an engine returns: float RGB(A) in [0, 1], `factor` times larger."""
-    return np.repeat(np.repeat(to_float_rgb(decoded.pixels), factor, axis=0), factor, axis=1)
+    return np.repeat(np.repeat(to_float_pixels(decoded.pixels), factor, axis=0), factor, axis=1)
 
 
 def error_type(data: bytes, name: str, max_pixels: int = LIMIT) -> str:
@@ -170,14 +170,14 @@ def test_cmyk_jpeg_decodes_to_rgb_and_is_written_back_as_cmyk_with_its_profile()
     assert decoded.info.mode == "CMYK" and decoded.info.channels == "RGB"
     np.testing.assert_array_equal(decoded.pixels, expected)
 
-    data, ext = encode_image(to_float_rgb(decoded.pixels), decoded.info, "same", 95)
+    data, ext = encode_image(to_float_pixels(decoded.pixels), decoded.info, "same", 95)
     written = Image.open(io.BytesIO(data))
     assert (ext, written.format, written.mode) == (".jpg", "JPEG", "CMYK")
     assert written.info["icc_profile"] == fake_cmyk_profile
     # The CMYK written is the inverse of the CMYK->RGB conversion used to decode, up to JPEG loss.
     assert np.abs(np.asarray(written.convert("RGB"), np.int16) - expected).mean() < 2.0
     # RGB outputs get RGB, and not the CMYK profile.
-    png = Image.open(io.BytesIO(encode_image(to_float_rgb(decoded.pixels), decoded.info, "png", 95)[0]))
+    png = Image.open(io.BytesIO(encode_image(to_float_pixels(decoded.pixels), decoded.info, "png", 95)[0]))
     assert png.mode == "RGB" and "icc_profile" not in png.info
     np.testing.assert_array_equal(np.asarray(png), expected)
 

@@ -17,7 +17,7 @@ from PIL import Image
 from support.catalog import job_config, manifests, write_catalog
 
 import media
-from media import MediaError, decode_image, encode_image, to_float_rgb
+from media import MediaError, decode_image, encode_image, to_float_pixels
 from pipeline.plan import group_inputs
 from pipeline.storage import Entry
 
@@ -91,20 +91,20 @@ def test_dpx_decodes_to_its_code_values_and_comes_back_at_its_depth(kind):
     assert decoded.pixels.dtype == (np.uint8 if bits == 8 else np.uint16)
     assert np.array_equal(np.rint(decoded.pixels.astype(np.float64) * (2**bits - 1) / np.iinfo(
         decoded.pixels.dtype).max), expected)
-    values = to_float_rgb(decoded.pixels)
+    values = to_float_pixels(decoded.pixels)
     values = values[..., :1] if layout == "L" else values  # gray is replicated to RGB
     # Within half a step of the 16-bit scale of code / max: 7.7e-6, far below one 12-bit step (2.4e-4).
     assert np.abs(values - expected / (2**bits - 1)).max() <= 0.5 / 65535 + 1e-7
 
     # Unchanged pixels written as "same" are the same file content: format, pixel format, byte order, codes.
-    written, extension = encode_image(to_float_rgb(decoded.pixels), info, "same", 95)
+    written, extension = encode_image(to_float_pixels(decoded.pixels), info, "same", 95)
     assert extension == ".dpx" and written[:4] == data[:4]
     frame = ffmpeg_decode("dpx", written)
     assert frame.format.name.rstrip("lbe") == ffmpeg_decode("dpx", data).format.name.rstrip("lbe")
     assert np.array_equal(frame.to_ndarray(), source)
     assert written[801:803] == data[801:803]  # transfer and colorimetric codes
 
-    upscaled = decode_image(encode_image(twice(to_float_rgb(decoded.pixels)), info, "same", 95)[0], "o.dpx", LIMIT)
+    upscaled = decode_image(encode_image(twice(to_float_pixels(decoded.pixels)), info, "same", 95)[0], "o.dpx", LIMIT)
     assert (upscaled.info.bit_depth, upscaled.info.channels) == (bits, layout)
     assert upscaled.pixels.shape == (shape[0] * 2, shape[1] * 2, len(layout))
 
@@ -113,7 +113,7 @@ def test_dpx_transfer_code_of_a_log_scan_is_kept():
     data = bytearray(ffmpeg_encode("dpx", "gbrp10be", codes(1024, (6, 8, 3))))
     data[801] = data[802] = 1  # printing density: a film scan's log code values
     decoded = decode_image(bytes(data), "scan.dpx", LIMIT)
-    written = encode_image(twice(to_float_rgb(decoded.pixels)), decoded.info, "same", 95)[0]
+    written = encode_image(twice(to_float_pixels(decoded.pixels)), decoded.info, "same", 95)[0]
     assert (written[801], written[802]) == (1, 1)
 
 
@@ -122,7 +122,7 @@ def test_ten_bit_gray_dpx_is_written_at_16_bits():
     pixels = np.repeat(codes(1024, (6, 8, 1)), 3, axis=2)
     decoded = decode_image(ffmpeg_encode("dpx", "gbrp10le", pixels), "g.dpx", LIMIT)
     info = dataclasses.replace(decoded.info, channels="L")
-    written = decode_image(encode_image(to_float_rgb(decoded.pixels), info, "same", 95)[0], "o.dpx", LIMIT)
+    written = decode_image(encode_image(to_float_pixels(decoded.pixels), info, "same", 95)[0], "o.dpx", LIMIT)
     assert (written.info.channels, written.info.bit_depth) == ("L", 16)
     assert np.array_equal(np.rint(written.pixels[..., 0] / 65535 * 1023), pixels[..., 0])
 
@@ -150,7 +150,7 @@ def test_half_exr_decodes_to_srgb_encoded_linear_values_and_round_trips_bit_exac
     assert np.abs(decoded.pixels - reference).max() < 1e-6
     assert decoded.pixels[0, 0, 0] == 0.0 and decoded.pixels[..., 0].max() >= 1 - 1e-7
 
-    written, extension = encode_image(to_float_rgb(decoded.pixels), info, "same", 95)
+    written, extension = encode_image(to_float_pixels(decoded.pixels), info, "same", 95)
     assert extension == ".exr"
     values, pix_fmt = raw_exr(written)
     assert pix_fmt == "gbrpf16le"  # half stays half
@@ -165,7 +165,7 @@ def test_exr_highlights_negatives_and_non_finite_values_are_clipped():
     mid_grey = 1.055 * 0.18 ** (1 / 2.4) - 0.055
     assert decoded.pixels[0] == pytest.approx(np.array([[1.0, 1.0, 0.7353569], [0.0, 0.0, 1.0],
                                                         [mid_grey, 0.0, 1.0]]), abs=1e-6)
-    written, _ = encode_image(to_float_rgb(decoded.pixels), decoded.info, "same", 95)
+    written, _ = encode_image(to_float_pixels(decoded.pixels), decoded.info, "same", 95)
     values, pix_fmt = raw_exr(written)
     assert pix_fmt == "gbrpf32le"  # float stays float
     assert values[0] == pytest.approx(np.array([[1.0, 1.0, 0.5], [0.0, 0.0, 1.0], [0.18, 0.0, 1.0]]), abs=1e-6)
@@ -176,7 +176,7 @@ def test_float_exr_with_alpha_keeps_alpha_and_float_precision():
     decoded = decode_image(ffmpeg_encode("exr", "gbrapf32le", linear, format="float"), "a.exr", LIMIT)
     assert (decoded.info.channels, decoded.info.bit_depth, decoded.info.has_alpha) == ("RGBA", 32, True)
     assert np.array_equal(decoded.pixels[..., 3], linear[..., 3])  # alpha is not transferred
-    values, pix_fmt = raw_exr(encode_image(to_float_rgb(decoded.pixels), decoded.info, "same", 95)[0])
+    values, pix_fmt = raw_exr(encode_image(to_float_pixels(decoded.pixels), decoded.info, "same", 95)[0])
     assert pix_fmt == "gbrapf32le"
     assert np.abs(values - linear).max() < 3e-7  # float32 rounding of the transfer and its inverse
 
@@ -185,7 +185,7 @@ def test_gray_half_exr():
     linear = RNG.random((6, 9), dtype=np.float32).astype(np.float16).astype(np.float32)
     decoded = decode_image(ffmpeg_encode("exr", "grayf32le", linear, format="half"), "y.exr", LIMIT)
     assert (decoded.info.channels, decoded.pixels.shape) == ("L", (6, 9, 1))
-    values, pix_fmt = raw_exr(encode_image(to_float_rgb(decoded.pixels), decoded.info, "same", 95)[0])
+    values, pix_fmt = raw_exr(encode_image(to_float_pixels(decoded.pixels), decoded.info, "same", 95)[0])
     assert pix_fmt == "grayf16le" and np.array_equal(values[..., 0], linear)
 
 
@@ -196,14 +196,14 @@ def test_alpha_between_exr_and_straight_alpha_formats():
     buffer = io.BytesIO()
     png.save(buffer, "PNG")
     decoded = decode_image(buffer.getvalue(), "t.png", LIMIT)
-    values, _ = raw_exr(encode_image(to_float_rgb(decoded.pixels), decoded.info, "exr", 95)[0])
+    values, _ = raw_exr(encode_image(to_float_pixels(decoded.pixels), decoded.info, "exr", 95)[0])
     srgb = np.rint(straight * 255) / 255
     linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
     assert values[..., :3] == pytest.approx(linear[..., :3] * srgb[..., 3:], abs=HALF_ULP_AT_ONE)
     assert values[..., 3] == pytest.approx(srgb[..., 3], abs=HALF_ULP_AT_ONE)
 
     exr = decode_image(ffmpeg_encode("exr", "gbrapf32le", values, format="half"), "t.exr", LIMIT)
-    back = decode_image(encode_image(to_float_rgb(exr.pixels), exr.info, "png", 95)[0], "back.png", LIMIT)
+    back = decode_image(encode_image(to_float_pixels(exr.pixels), exr.info, "png", 95)[0], "back.png", LIMIT)
     assert back.info.bit_depth == 16  # EXR (half) to PNG is 16-bit
     assert np.abs(back.pixels[0, :2] / 65535 - srgb[0, :2]).max() < 2e-3  # straight alpha again where alpha > 0
 

@@ -1,4 +1,4 @@
-"""dit4sr.storage.local_copy: a remote model is downloaded once per machine into its node-local cache, even by
+"""dit4sr.files.local_copy: a remote model is downloaded once per machine into its node-local cache, even by
 processes that ask for it at the same moment (the upscaling actors of one Ray node starting together)."""
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ MODEL = {
     "transformer/diffusion_pytorch_model.safetensors": os.urandom(4 << 20),
     "vae/diffusion_pytorch_model.safetensors": os.urandom(1 << 20),
 }
-STORAGE = REPO / "dit4sr" / "storage.py"
+FILES = REPO / "dit4sr" / "files.py"
 # Each process imports first, then waits for the start signal, so that all of them ask at once. The module is
 # loaded from its file: importing the dit4sr package would load torch in every process, for nothing.
 ASK = """
 import importlib.util, json, os, sys, time
-spec = importlib.util.spec_from_file_location("model_storage", sys.argv[4])
-storage = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(storage)
+spec = importlib.util.spec_from_file_location("model_files", sys.argv[4])
+files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(files)
 while not os.path.exists(sys.argv[3]):
     time.sleep(0.005)
-print(storage.local_copy(sys.argv[1], storage_options=json.loads(sys.argv[2])))
+print(files.local_copy(sys.argv[1], storage_options=json.loads(sys.argv[2])))
 """
 
 
@@ -41,7 +41,7 @@ def test_processes_starting_together_download_a_remote_model_once(tmp_path, buck
     go = tmp_path / "go"
     env = {**os.environ, "DIT4SR_CACHE": str(tmp_path / "cache")}
     askers = [subprocess.Popen([sys.executable, "-c", ASK, f"s3://{bucket}/tiny", json.dumps(s3_options), str(go),
-                                str(STORAGE)],
+                                str(FILES)],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for _ in range(4)]
     go.touch()

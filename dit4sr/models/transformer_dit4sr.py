@@ -17,7 +17,7 @@ from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 from torch import nn
 
-from ..storage import local_copy
+from ..files import local_copy
 from .attention import RELEASES, DiT4SRAttention, DiT4SRJointTransformerBlock
 
 logger = logging.getLogger(__name__)

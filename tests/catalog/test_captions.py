@@ -42,7 +42,7 @@ def _summary(output: pathlib.Path, run_id: str) -> dict:
 def _expected_captions(captioner_root: pathlib.Path, files: dict[str, bytes]) -> dict[str, str]:
     """Captions of the inputs as the job's LR input reaches the model (decoded as the upscaler decodes it)."""
     captioner = ImageCaptioner.from_pretrained(str(captioner_root), max_new_tokens=CAPTION_TOKENS)
-    return {key: captioner.caption(media.to_float_rgb(media.decode_image(data, key, 10**8).pixels))
+    return {key: captioner.caption(media.to_float_pixels(media.decode_image(data, key, 10**8).pixels))
             for key, data in files.items()}
 
 
@@ -177,7 +177,7 @@ def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, t
         first = video.plan_segments(index, round(0.2 * float(index.average_rate)))[0]
         packets = video.extract_segment(handle, first, "clip.mp4")
     middle = list(video.decode_segment(packets, first, "clip.mp4"))[first.output_frames // 2]
-    frame = np.clip(media.to_float_rgb(middle) * 255 + 0.5, 0, 255).astype(np.uint8)  # as the job's PNG of it
+    frame = np.clip(media.to_float_pixels(middle) * 255 + 0.5, 0, 255).astype(np.uint8)  # as the job's PNG of it
     captioner = ImageCaptioner.from_pretrained(str(tiny_caption_model_root), max_new_tokens=CAPTION_TOKENS)
     assert clip_rows.caption.iloc[0] == captioner.caption(frame.astype(np.float32) / 255)
     sequence_rows = rows[rows.source_key == "reel/frame_%04d.png"]

@@ -45,7 +45,7 @@ def _uninterrupted(files: dict[str, bytes]) -> dict[str, str]:
     expected = {}
     for key, data in files.items():
         decoded = media.decode_image(data, key, 10**6)
-        upscaled = engine.upscale(media.to_float_rgb(decoded.pixels), seed=0, prompt="")
+        upscaled = engine.upscale(media.to_float_pixels(decoded.pixels), seed=0, prompt="")
         expected[key] = hashlib.sha256(media.encode_image(upscaled, decoded.info, "png", 95)[0]).hexdigest()
     return expected
 

@@ -109,7 +109,7 @@ def test_every_error_type_fails_alone_beside_good_batch_mates(ray_local, tmp_pat
     engine = BicubicEngine({"scale": 2})
     for key, data in good.items():
         decoded = media.decode_image(data, key, 10**6)
-        expected = media.encode_image(engine.upscale(media.to_float_rgb(decoded.pixels), seed=0, prompt=""),
+        expected = media.encode_image(engine.upscale(media.to_float_pixels(decoded.pixels), seed=0, prompt=""),
                                       decoded.info, "jpeg", 95)[0]
         assert (tmp_path / "out" / ok.loc[key].output_key).read_bytes() == expected, key
     assert sorted(p.name for p in (tmp_path / "out/reel").iterdir()) == ["f_001.png", "f_002.png", "f_003.png"]

@@ -101,7 +101,7 @@ def test_submit_runs_the_embedded_default_from_an_uploaded_working_dir(ray_head,
     (package,) = [path for path in unpacked.glob("_ray_pkg_*") if path.is_dir()]
     files = [path.relative_to(package) for path in package.rglob("*") if path.is_file()]
     names = {str(path) for path in files}
-    assert {"jobs/upscale_catalog.py", "configs/local.yaml", "pipeline/run.py", "dit4sr/storage.py"} <= names
+    assert {"jobs/upscale_catalog.py", "configs/local.yaml", "pipeline/run.py", "dit4sr/files.py"} <= names
     assert not {path.parts[0] for path in files} & {".git", ".venv", "tests", "benchmarks", "data", "infra"}
     weights = [path for path in files if path.suffix in (".safetensors", ".ckpt", ".pt", ".bin")]
     assert weights and all(path.parts[:2] == ("dit4sr", "bundled") for path in weights)  # model.path: bundled

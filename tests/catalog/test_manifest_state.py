@@ -11,7 +11,16 @@ import uuid
 
 import duckdb
 import pytest
-from support.catalog import image_bytes, job_config, manifests, outputs, run_index, small_catalog, write_catalog
+from support.catalog import (
+    image_bytes,
+    job_config,
+    manifests,
+    outputs,
+    read_runs,
+    run_index,
+    small_catalog,
+    write_catalog,
+)
 
 from pipeline import manifest, state
 from pipeline.config import validate_config
@@ -111,7 +120,7 @@ def test_a_killed_runs_rows_count_for_planning_and_show_once_committed(tmp_path)
     assert ok_counts(tmp_path / "out") == {"a": 1, "b": 1, "c": 1}
     assert not list((tmp_path / "out").glob("_manifests/run=r1/parts/*"))
     assert state.read_state(output)[1] == {"r1"}
-    (interrupted,) = state.read_runs(output).to_pylist()
+    (interrupted,) = read_runs(output).to_pylist()
     assert (interrupted["run_id"], interrupted["outcome"], interrupted["exit_code"], interrupted["ok"]) == \
         ("r1", "interrupted", None, 3)
 

@@ -12,14 +12,13 @@ import pyarrow.dataset as pads
 import pytest
 import s3fs
 from PIL import Image
-from support.catalog import image_bytes, job_config, small_catalog
+from support.catalog import image_bytes, job_config, read_runs, small_catalog
 from support.fault_proxy import FaultProxy, first_attempts
 
 from pipeline import manifest
 from pipeline.config import validate_config
 from pipeline.manifest import MANIFEST_DIR
 from pipeline.run import EXIT_OK, execute, prepare, run_job
-from pipeline.state import read_runs
 from pipeline.storage import Location
 
 

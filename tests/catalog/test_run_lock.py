@@ -1,4 +1,4 @@
-"""The run lock (pipeline.lease): one run at a time per output, on local disks and on S3 (moto's server, which
+"""The run lock (pipeline.run_lock): one run at a time per output, on local disks and on S3 (moto's server, which
 implements S3's conditional writes: If-None-Match on create, If-Match on renewal, takeover and release)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from support.catalog import Job, job_config, manifest_rows, session_ray_address,
 from support.engines import gate_path
 
 from pipeline.config import ConfigError, LockConfig, validate_config
-from pipeline.lease import LEASE_KEY, RunLease, RunLocked
 from pipeline.run import EXIT_LOCKED, EXIT_OK, run_job
+from pipeline.run_lock import LOCK_KEY, RunLock, RunLocked
 from pipeline.storage import Location
 
 
@@ -33,36 +33,36 @@ def store(request, tmp_path) -> tuple[Location, Location]:
 
 def lease_record(output: Location) -> dict | None:
     try:
-        return json.loads(output.read(LEASE_KEY))
+        return json.loads(output.read(LOCK_KEY))
     except FileNotFoundError:
         return None
 
 
 def write_expired_lease(output: Location, holder: str = "crashed-host/4242") -> None:
-    output.write_atomic(LEASE_KEY, json.dumps({"holder": holder, "token": "stale", "acquired_at": "earlier",
+    output.write_atomic(LOCK_KEY, json.dumps({"holder": holder, "token": "stale", "acquired_at": "earlier",
                                                "expires_at": time.time() - 1}).encode())
 
 
 def test_a_live_lease_keeps_a_second_run_out_until_released(store):
     _, output = store
-    with RunLease(output, LockConfig(ttl_s=60)) as first:
+    with RunLock(output, LockConfig(ttl_s=60)) as first:
         assert lease_record(output)["holder"] == first.holder
         with pytest.raises(RunLocked, match=f"is locked by another run: {first.holder}.*run.lock.wait_s"):
-            RunLease(output, LockConfig()).__enter__()
+            RunLock(output, LockConfig()).__enter__()
     assert lease_record(output) is None  # released
-    with RunLease(output, LockConfig()):
+    with RunLock(output, LockConfig()):
         pass
 
 
 def test_a_store_without_atomic_create_is_a_config_error_naming_the_way_out():
     with pytest.raises(ConfigError, match=r"run\.lock: no atomic create-if-absent .*memory://out.*"
                                           r"set run\.lock\.enabled: false"):
-        RunLease(Location("memory://out", {}), LockConfig()).__enter__()
+        RunLock(Location("memory://out", {}), LockConfig()).__enter__()
 
 
 def test_the_holder_renews_its_lease(store):
     _, output = store
-    with RunLease(output, LockConfig(ttl_s=3)):
+    with RunLock(output, LockConfig(ttl_s=3)):
         first = lease_record(output)["expires_at"]
         deadline = time.monotonic() + 60
         while lease_record(output)["expires_at"] == first:
@@ -76,10 +76,10 @@ def test_of_runs_racing_for_the_lease_exactly_one_gets_it(store, situation):
     _, output = store
     if situation == "expired":
         write_expired_lease(output)
-    contenders = [RunLease(output, LockConfig(ttl_s=60)) for _ in range(6)]
+    contenders = [RunLock(output, LockConfig(ttl_s=60)) for _ in range(6)]
     start, winners, locked = threading.Barrier(len(contenders)), [], []
 
-    def contend(lease: RunLease) -> None:
+    def contend(lease: RunLock) -> None:
         start.wait()
         try:
             winners.append(lease.__enter__())
@@ -99,7 +99,7 @@ def test_of_runs_racing_for_the_lease_exactly_one_gets_it(store, situation):
 
 def test_a_holder_whose_lease_was_taken_over_notices_and_leaves_it(store, caplog):
     _, output = store
-    with RunLease(output, LockConfig(ttl_s=3)) as stalled:
+    with RunLock(output, LockConfig(ttl_s=3)) as stalled:
         write_expired_lease(output, holder="the-other-run/1")  # as if another run had taken it over
         deadline = time.monotonic() + 60
         while not stalled.lost:
@@ -176,9 +176,9 @@ def test_a_run_stopped_with_sigterm_releases_its_lease(gate, tmp_path):
 _HOLDER = """
 import sys, time
 from pipeline.config import LockConfig
-from pipeline.lease import RunLease
+from pipeline.run_lock import RunLock
 from pipeline.storage import Location
-with RunLease(Location(sys.argv[1], {}), LockConfig(ttl_s=600)):
+with RunLock(Location(sys.argv[1], {}), LockConfig(ttl_s=600)):
     print("holding", flush=True)
     time.sleep(600)
 """
@@ -194,12 +194,12 @@ def test_a_sigkilled_holder_on_this_machine_is_taken_over_at_once(tmp_path, capl
         record = lease_record(output)
         assert record["holder"].endswith(f"/{holder.pid}") and record["expires_at"] > time.time() + 500
         with pytest.raises(RunLocked):  # alive: it keeps its lease
-            RunLease(output, LockConfig()).__enter__()
+            RunLock(output, LockConfig()).__enter__()
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     caplog.set_level(logging.INFO, logger="pipeline")
-    with RunLease(output, LockConfig()) as lease:  # wait_s 0: taken at once, or RunLocked
+    with RunLock(output, LockConfig()) as lease:  # wait_s 0: taken at once, or RunLocked
         assert lease_record(output)["token"] == lease.token
     assert (f"took over the lease of {record['holder']}: its process {holder.pid} on this machine is gone"
             in caplog.text)
@@ -208,13 +208,13 @@ def test_a_sigkilled_holder_on_this_machine_is_taken_over_at_once(tmp_path, capl
 def test_a_reused_pid_does_not_keep_a_dead_holders_lease(tmp_path, caplog):
     """The PID is alive but belongs to another process (a later start time): the holder is dead."""
     output = Location(str(tmp_path / "out"), {})
-    with RunLease(output, LockConfig(ttl_s=600)):
+    with RunLock(output, LockConfig(ttl_s=600)):
         record = lease_record(output)
     record.update(token="earlier", process_started=str(int(record["process_started"]) - 1),
                   expires_at=time.time() + 600)
-    output.write_atomic(LEASE_KEY, json.dumps(record).encode())
+    output.write_atomic(LOCK_KEY, json.dumps(record).encode())
     caplog.set_level(logging.INFO, logger="pipeline")
-    with RunLease(output, LockConfig()):
+    with RunLock(output, LockConfig()):
         pass
     assert "(the PID now belongs to another process)" in caplog.text
 
@@ -222,20 +222,20 @@ def test_a_reused_pid_does_not_keep_a_dead_holders_lease(tmp_path, caplog):
 def test_a_holder_that_cannot_be_checked_keeps_its_lease_until_it_expires(tmp_path):
     """Another machine's holder (or one on this machine whose process lives) is not second-guessed."""
     output = Location(str(tmp_path / "out"), {})
-    with RunLease(output, LockConfig(ttl_s=600)):
+    with RunLock(output, LockConfig(ttl_s=600)):
         record = lease_record(output)
     record.update(token="elsewhere", holder="another-host/1", host="another-host", pid=1, expires_at=time.time() + 600)
-    output.write_atomic(LEASE_KEY, json.dumps(record).encode())
+    output.write_atomic(LOCK_KEY, json.dumps(record).encode())
     with pytest.raises(RunLocked, match="locked by another run: another-host/1 "):
-        RunLease(output, LockConfig()).__enter__()
+        RunLock(output, LockConfig()).__enter__()
     assert lease_record(output)["token"] == "elsewhere"
 
 
 def test_break_lock_takes_over_a_live_holder_and_names_it(store, caplog):
     _, output = store
     caplog.set_level(logging.INFO, logger="pipeline")
-    with RunLease(output, LockConfig(ttl_s=600)) as live:
-        with RunLease(output, LockConfig(), break_lock=True) as breaker:
+    with RunLock(output, LockConfig(ttl_s=600)) as live:
+        with RunLock(output, LockConfig(), break_lock=True) as breaker:
             assert lease_record(output)["token"] == breaker.token
         assert f"took over the lease of {live.holder}: --break-lock (it was renewed until " in caplog.text
     assert live.lost or lease_record(output) is None  # the broken holder never deletes the new lease
@@ -254,7 +254,7 @@ def test_a_holder_whose_ray_job_ended_is_taken_over_at_once(gate, tmp_path, capl
     holder.kill()
     gate.touch()
     record.update(host="another-machine", machine=None)  # as if it had run on another node of this cluster
-    output.write_atomic(LEASE_KEY, json.dumps(record).encode())
+    output.write_atomic(LOCK_KEY, json.dumps(record).encode())
     caplog.set_level(logging.INFO, logger="pipeline")
     deadline = time.monotonic() + 60  # the raylet marks the job dead once it sees its driver gone
     while (code := run_job(validate_config(config))) == EXIT_LOCKED:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from support.catalog import image_bytes, job_config, manifests, run_index, write_catalog
 
-from media import decode_image, to_float_rgb
+from media import decode_image, to_float_pixels
 from pipeline import sequence_movie
 from pipeline.config import validate_config
 from pipeline.manifest import utcnow
@@ -42,7 +42,7 @@ def config(tmp_path: pathlib.Path, **video) -> dict:
 
 
 def float_frame(data: bytes) -> np.ndarray:
-    return to_float_rgb(decode_image(data, "frame", 10**9).pixels)[..., :3]
+    return to_float_pixels(decode_image(data, "frame", 10**9).pixels)[..., :3]
 
 
 def movie_frames(path: pathlib.Path) -> tuple[list[float], list[np.ndarray], dict]:

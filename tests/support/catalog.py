@@ -166,3 +166,17 @@ def manifest_rows(output):
 def upload(location, files: dict[str, bytes]) -> None:
     for key, data in files.items():
         location.write_atomic(key, data)
+
+
+def read_runs(output):
+    """The runs index (``pipeline.state``'s ``_index/runs/``), oldest run first, as a pyarrow table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.state import RUNS_DIR, RUNS_SCHEMA
+    from pipeline.storage import Location
+
+    entries = Location(output.url(RUNS_DIR), output.storage_options).list(include=["*.parquet"])
+    tables = [pq.read_table(output.fs.open(output.path(f"{RUNS_DIR}/{entry.relative}"), "rb")) for entry in entries]
+    table = pa.concat_tables(tables) if tables else RUNS_SCHEMA.empty_table()
+    return table.sort_by([("started_at", "ascending"), ("run_id", "ascending")])

@@ -1,4 +1,5 @@
-"""Storage helpers shared by the library and the catalog: local copies of remote model folders, atomic writes."""
+"""Files the library reads and writes: local copies of remote model folders (the node's model cache), and atomic
+writes (which the catalog uses too)."""
 
 from __future__ import annotations
 
@@ -65,14 +66,16 @@ def temp_name(target_name: str) -> str:
     return f".{target_name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, **put_options: Any) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, *, exclusive: bool = False,
+                 **put_options: Any) -> None:
     """Write so that readers see the old object or the whole new one, never a part of it.
 
-    Local disks: a hidden temp file in the same folder, fsync, then rename. Object stores: a single PUT
-    (multipart uploads, which some backends use for big objects, also become visible only on completion).
+    Local disks: a hidden temp file in the same folder, fsync, then rename — or, ``exclusive``, a hard link, which
+    raises ``FileExistsError`` where ``path`` exists. Object stores: a single PUT (multipart uploads, which some
+    backends use for big objects, also become visible only on completion); ``exclusive`` is a conditional PUT.
     """
     if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        fs.pipe_file(path, data, **put_options)
+        fs.pipe_file(path, data, **({"mode": "create"} if exclusive else {}), **put_options)
         return
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -82,7 +85,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, **put_op
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        (os.link if exclusive else os.replace)(temp, path)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)

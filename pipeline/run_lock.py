@@ -33,7 +33,7 @@ from typing import Any, Iterator
 from filelock import FileLock
 from fsspec.asyn import sync
 
-from dit4sr.storage import temp_name, write_atomic
+from dit4sr.files import write_atomic
 
 from .config import ConfigError, LockConfig
 from .manifest import MANIFEST_DIR
@@ -42,14 +42,14 @@ from .storage import Location, service_error, with_retries
 
 log = logging.getLogger("pipeline")
 
-LEASE_KEY = f"{MANIFEST_DIR}/_lease.json"
+LOCK_KEY = f"{MANIFEST_DIR}/_lease.json"  # the lock is held as a lease (it expires); runs of every version share it
 
 
 class RunLocked(RuntimeError):
     """Another run holds the output's lease (and waiting, if configured, did not outlast it)."""
 
 
-class LeaseLost(RuntimeError):
+class LockLost(RuntimeError):
     """The lease changed since it was read: another run renewed, released or took it over."""
 
 
@@ -126,7 +126,7 @@ class _S3Store:
 
     def __init__(self, location: Location):
         self.fs = location.fs
-        self.path = location.path(LEASE_KEY)
+        self.path = location.path(LOCK_KEY)
         self.bucket, _, self.key = self.path.partition("/")
 
     def create(self, data: bytes) -> str:
@@ -166,7 +166,7 @@ def _lost_when_changed() -> Iterator[None]:
         yield
     except OSError as exc:
         if isinstance(exc, FileNotFoundError) or service_error(exc)[0] == "PreconditionFailed":
-            raise LeaseLost(str(exc)) from exc
+            raise LockLost(str(exc)) from exc
         raise
 
 
@@ -177,21 +177,12 @@ class _LocalStore:
 
     def __init__(self, location: Location):
         self.fs = location.fs
-        self.path = location.path(LEASE_KEY)
+        self.path = location.path(LOCK_KEY)
         self.directory = os.path.dirname(self.path)
         self.mutex = os.path.join(self.directory, "._lease.lock")
 
     def create(self, data: bytes) -> str:
-        os.makedirs(self.directory, exist_ok=True)
-        temp = os.path.join(self.directory, temp_name(os.path.basename(self.path)))
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temp, self.path)  # atomic, and FileExistsError when a lease exists
-        finally:
-            os.unlink(temp)
+        write_atomic(self.fs, self.path, data, exclusive=True)  # FileExistsError when a lease exists
         return data.decode()
 
     def read(self) -> Held | None:
@@ -216,7 +207,7 @@ class _LocalStore:
     def _expect(self, version: str) -> None:
         current = self.read()
         if current is None or current.version != version:
-            raise LeaseLost(f"{self.path} changed since it was read")
+            raise LockLost(f"{self.path} changed since it was read")
 
 
 def _parse(data: bytes) -> dict[str, Any]:
@@ -239,13 +230,13 @@ def _store(location: Location) -> _S3Store | _LocalStore:
         "set run.lock.enabled: false and make sure runs over this output never overlap")
 
 
-class RunLease:
+class RunLock:
     """Context manager: acquires the output's lease (waiting up to ``wait_s``), renews it while the block runs,
     releases it at the end. Raises RunLocked when another run holds it."""
 
     def __init__(self, output: Location, config: LockConfig, *, break_lock: bool = False):
         self.output, self.config, self.break_lock = output, config, break_lock
-        self.uri = output.url(LEASE_KEY)
+        self.uri = output.url(LOCK_KEY)
         self.token = uuid.uuid4().hex
         self.holder = f"{socket.gethostname()}/{os.getpid()}"
         self.acquired_at = time.time()
@@ -254,7 +245,7 @@ class RunLease:
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="run-lease", daemon=True)
 
-    def __enter__(self) -> "RunLease":
+    def __enter__(self) -> "RunLock":
         try:
             self._store = _store(self.output)
             self._acquire()
@@ -272,7 +263,7 @@ class RunLease:
             return
         try:
             with_retries(lambda: self._store.delete(self._held.version))
-        except LeaseLost:
+        except LockLost:
             log.warning("run lock %s: changed by another run before release; left as it is", self.uri)
         except Exception as exc:  # noqa: BLE001 - the run's work is done; the lease just expires instead
             log.warning("run lock %s: could not release it (%s); it expires at %s", self.uri, exc,
@@ -316,7 +307,7 @@ class RunLease:
             if why:
                 try:
                     self._held = Held(json.loads(data), self._store.swap(data, current.version))
-                except LeaseLost:
+                except LockLost:
                     continue  # another run took it over first: look again
                 log.warning("run lock %s: took over the lease of %s: %s", self.uri, holder, why)
                 return
@@ -336,7 +327,7 @@ class RunLease:
             data = self._record()
             try:
                 version = with_retries(lambda: self._store.swap(data, self._held.version))
-            except LeaseLost:
+            except LockLost:
                 self.lost = True
                 log.error("run lock %s: lost — another run took it over (this run was stalled beyond %.0fs); "
                           "this run goes on, and inputs both runs finish are written twice with the same bytes",
