@@ -173,7 +173,9 @@ def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
 
 @pytest.mark.slow
 def test_bundled_model_on_the_embedded_default(ray_local, tmp_path):
-    overrides = [f"input.uri={tmp_path / 'catalog'}", f"output.uri={tmp_path / 'upscaled'}"]
+    # the example catalog belongs to the config's own folder: elsewhere it is laid out only when asked for
+    overrides = [f"input.uri={tmp_path / 'catalog'}", f"output.uri={tmp_path / 'upscaled'}",
+                 "input.example_catalog=true"]
     cfg = load_config(REPO / "configs" / "local.yaml", overrides)
     assert run_job(cfg) == EXIT_OK  # lays out the example catalog first
     summary = json.loads(next((tmp_path / "upscaled").glob("_manifests/run=*/_summary.json")).read_text())
