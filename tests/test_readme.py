@@ -81,6 +81,9 @@ def _stop_processes_of(ray_tmpdir: str) -> None:
                 pass
 
 
+NOT_READY_YET = "No available agent to submit job, please try again later"
+
+
 @pytest.mark.slow
 def test_the_readme_walk_through_runs_as_written(tmp_path):
     root, home = tmp_path / "dit4sr-catalog", tmp_path / "home"
@@ -93,12 +96,21 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
            "RAY_TMPDIR": ray_tmpdir}
     script = "set -euo pipefail\nexec 2>&1\n" + "".join(
         f"echo '### block {number}'\n{block}" for number, block in enumerate(readme_blocks()))
-    try:
-        result = subprocess.run(["bash", "-c", script], cwd=root, env=env, stdout=subprocess.PIPE, text=True,
-                                timeout=1800)
-    finally:
-        _stop_processes_of(ray_tmpdir)
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    for attempt in range(2):
+        try:
+            result = subprocess.run(["bash", "-c", script], cwd=root, env=env, stdout=subprocess.PIPE, text=True,
+                                    timeout=1800)
+        finally:
+            _stop_processes_of(ray_tmpdir)
+        # Ray's job server waits only 10 s (a constant) for the head's job agent; on a loaded machine `ray job
+        # submit` right after `ray start` can hear "try again later" — the README tells the user to do just that.
+        if NOT_READY_YET not in result.stdout:
+            break
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(home, ignore_errors=True)
+        _repository_copy(root)
+        home.mkdir()
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)
     output = result.stdout
     (REPO / "test-artifacts").mkdir(exist_ok=True)  # what a newcomer would have seen, kept for reading (git-ignored)
     (REPO / "test-artifacts" / "readme_walkthrough.log").write_text(output)
