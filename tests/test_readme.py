@@ -129,7 +129,10 @@ def test_the_readme_walk_through_runs_as_written(tmp_path):
     assert re.search(r"^.*progress: \d+ done, 0 failed, \d+ remaining of 5 inputs", first, re.M), first
     # a quiet console: the job's own progress, no Ray Data progress block, no E-level core_worker line, no auth
     # warning, nothing reported to Ray's usage statistics
-    for noise in ("core_worker.cc", "Token authentication", "Running Dataset", "Progress bars", "usage stats",
+    # (the E-level core_worker line the issue named; Ray may still log an unrelated core_worker line, e.g. about
+    # the throwaway actor that triggers it, at random)
+    for noise in ("constructor arguments in the object store", "Token authentication", "Running Dataset",
+                  "Progress bars", "usage stats",
                   "Traceback"):
         assert noise not in first, noise
     assert (home / ".ray" / "auth_token").is_file()  # the first run's local Ray used token auth
