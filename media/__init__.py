@@ -15,8 +15,6 @@ extension that is not a video container's (``.dpx`` and ``.exr`` included) is an
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 from .errors import MediaError
 from .image import (
     OUTPUT_FORMATS,
@@ -48,13 +46,21 @@ __all__ = [
     "decode_image",
     "encode_image",
     "image_size",
+    "key_suffix",
     "kind_of",
     "output_extension",
     "to_float_pixels",
 ]
 
 
+def key_suffix(key: str) -> str:
+    """``PurePosixPath(key).suffix`` of a normalised key, without building a path (planning routes millions)."""
+    name = key[key.rfind("/") + 1:]
+    dot = name.rfind(".")
+    return name[dot:] if 0 < dot < len(name) - 1 else ""
+
+
 def kind_of(key: str) -> str:
     """The media kind of a listed key (by extension). Unknown extensions are treated as images, whose decoder
     sniffs the bytes and reports what the file really is."""
-    return VIDEO if PurePosixPath(key).suffix.lower() in VIDEO_EXTENSIONS else IMAGE
+    return VIDEO if key_suffix(key).lower() in VIDEO_EXTENSIONS else IMAGE

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import ray
@@ -166,10 +167,10 @@ class Plan:
 
 def output_key(relative: str, extension: str) -> str:
     """The output's key: the input's relative key, with the output's extension."""
-    path = pathlib.PurePosixPath(relative)
-    if not extension or extension == path.suffix:
+    suffix = media.key_suffix(relative)
+    if not extension or extension == suffix:
         return relative
-    return str(path.with_suffix(extension)) if path.suffix else f"{relative}{extension}"
+    return relative[:len(relative) - len(suffix)] + extension
 
 
 def load_prompts(cfg: JobConfig) -> dict[str, str]:
@@ -592,39 +593,40 @@ TODO_SCHEMA = manifest.SCHEMA.append(pa.field("task", pa.binary()))
 _DRIVER = -1  # bucket of the rows that go to the driver
 
 
-def _suffix(key: str) -> str:
-    """``PurePosixPath(key).suffix``, without building a path (planning splits millions of keys)."""
-    name = key[key.rfind("/") + 1:]
-    dot = name.rfind(".")
-    return name[dot:] if 0 < dot < len(name) - 1 else ""
+_STEM = r"([^/])\.[^./]+$"  # a key's extension, as media.key_suffix finds it (the dot not a name's first character)
 
 
-def _is_video(key: str) -> bool:
-    return _suffix(key).lower() in media.VIDEO_EXTENSIONS
+def _video_pattern() -> str:
+    return r"[^/]\.(" + "|".join(re.escape(extension[1:]) for extension in sorted(media.VIDEO_EXTENSIONS)) + ")$"
 
 
-def bucket_key(key: str, in_sequence_folder: Callable[[str], bool] | None) -> str:
-    """What decides a key's bucket: its folder in a sequence folder (its frames, their outputs and rows share it),
-    else the key without its extension (an input, its output under any extension, its rows)."""
-    folder = key[:max(key.rfind("/"), 0)]
-    if in_sequence_folder is not None and in_sequence_folder(folder):
-        return folder + "/"
-    return key[:len(key) - len(_suffix(key))]
+def bucket_keys(keys: pa.ChunkedArray, in_sequence_folder: Callable[[str], bool] | None) -> pa.ChunkedArray:
+    """What decides each key's bucket: its folder in a sequence folder (its frames, their outputs and rows share
+    it), else the key without its extension (an input, its output under any extension, its rows). Vectorised:
+    planning splits millions of keys."""
+    stems = pc.replace_substring_regex(keys, _STEM, r"\1")
+    if in_sequence_folder is None:
+        return stems
+    folders = pc.replace_substring_regex(keys, r"(^|/)[^/]*$", "")
+    sequence_folders = [folder for folder in pc.unique(folders).to_pylist() if in_sequence_folder(folder)]
+    if not sequence_folders:
+        return stems
+    in_sequence = pc.is_in(folders, value_set=pa.array(sequence_folders, pa.string()))
+    return pc.if_else(in_sequence, pc.binary_join_element_wise(folders, "/", ""), stems)
 
 
 def split_block(table: pa.Table, kind: str, buckets: int, sequence_folders: list[str]) -> tuple[pa.Table, ...]:
     """Task: one block's rows by bucket, and last the rows that go to the driver (videos, their rows, staged
     segments). ``kind``: inputs and outputs (entries), or state (unit rows). Video outputs go both ways: a frame
     sequence's movie is one too."""
-    keys = table["source_key" if kind == "state" else "relative"].to_pylist()
+    keys = table["source_key" if kind == "state" else "relative"]
+    staged = pc.starts_with(keys, STAGING_DIR + "/").to_numpy() if kind == "outputs" else np.zeros(len(keys), bool)
+    to_driver = staged | pc.match_substring_regex(keys, _video_pattern(), ignore_case=True).to_numpy()
     in_sequence_folder = glob_matcher(sequence_folders) if sequence_folders else None
-    ids = np.empty(len(keys), np.int64)
-    to_driver = np.zeros(len(keys), bool)
-    for number, key in enumerate(keys):
-        staged = kind == "outputs" and key.startswith(STAGING_DIR + "/")
-        to_driver[number] = staged or _is_video(key)
-        ids[number] = _DRIVER if staged or (to_driver[number] and kind != "outputs") else \
-            zlib.crc32(bucket_key(key, in_sequence_folder).encode()) % buckets
+    hashes = np.fromiter((zlib.crc32(key.encode()) for key in bucket_keys(keys, in_sequence_folder).to_pylist()),
+                         np.int64, len(keys))
+    only_to_driver = staged if kind == "outputs" else to_driver
+    ids = np.where(only_to_driver, _DRIVER, hashes % buckets)
     order = np.argsort(ids, kind="stable")
     bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
     parts = [table.take(order[bounds[number]:bounds[number + 1]]) for number in range(buckets)]
@@ -658,6 +660,12 @@ class _Context:
     dry_run: bool
 
 
+def _entries(tables: list[pa.Table]) -> Iterator[Entry]:
+    """Listing entries from blocks, column by column (a dict per row costs seconds per million)."""
+    for table in tables:
+        yield from map(Entry, *(table[name].to_pylist() for name in ("relative", "size", "identity")))
+
+
 def _todo_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{name: row.get(name) for name in TODO_SCHEMA.names} for row in rows],
                                 schema=TODO_SCHEMA)
@@ -669,11 +677,10 @@ def plan_bucket(context: _Context, prompts: dict[str, str], counts: tuple[int, i
     (``tables``: ``counts`` of the first two kinds, the rest outputs). Returns the units to do, the keys
     skipped, the rejected rows, and what the driver needs: clips, prompts, counts."""
     inputs, done, outputs = tables[:counts[0]], tables[counts[0]:counts[0] + counts[1]], tables[sum(counts):]
-    existing = {row["relative"]: Entry(row["relative"], row["size"], row["identity"])
-                for table in outputs for row in table.to_pylist()}
+    existing = {entry.relative: entry for entry in _entries(outputs)}
     planner = _Planner(context.cfg, context.spec, state.LatestRows(state.latest_per_unit(list(done))), existing,
                        prompts, dry_run=context.dry_run)
-    entries = [Entry(row["relative"], row["size"], row["identity"]) for table in inputs for row in table.to_pylist()]
+    entries = list(_entries(inputs))
     images, videos, sequences = group_inputs(sorted(entries, key=lambda entry: entry.relative),
                                              context.cfg.video.sequence_folders)
     assert not videos, "videos are planned by the driver"
@@ -716,11 +723,9 @@ def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks:
                                      *tables, num_returns=4))
     to_driver = {kind: [runner.get(parts[buckets]) for parts in split[kind]] for kind in split}
     del split
-    videos = [Entry(row["relative"], row["size"], row["identity"]) for table in to_driver["inputs"]
-              for row in table.to_pylist()]
+    videos = list(_entries(to_driver["inputs"]))
     planner = _Planner(cfg, spec, state.LatestRows(state.latest_per_unit(to_driver["state"])),
-                       {row["relative"]: Entry(row["relative"], row["size"], row["identity"])
-                        for table in to_driver["outputs"] for row in table.to_pylist()},
+                       {entry.relative: entry for entry in _entries(to_driver["outputs"])},
                        prompts, dry_run=dry_run, in_tasks=in_tasks)
     planner.add_videos(sorted(videos, key=lambda entry: entry.relative))
     stats = planner.plan.video_indexing
