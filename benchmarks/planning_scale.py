@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import listing, manifest, plan, state  # noqa: E402
 from pipeline.config import validate_config  # noqa: E402
-from pipeline.engine import resolve_settings  # noqa: E402
 from pipeline.spec import RunSpec  # noqa: E402
 from pipeline.storage import Location  # noqa: E402
 
@@ -109,7 +108,7 @@ def build(root: Path, inputs: int, runs: int, churn_share: float) -> None:
     """The output folder after ``runs`` runs (their files, the folded state), the synthetic output listing, and the
     inputs as an S3 Inventory report and as a listing."""
     cfg = config(root)
-    spec = RunSpec.resolve(cfg, resolve_settings(cfg), "20990101T000000Z-bench0")
+    spec = RunSpec.resolve(cfg, "20990101T000000Z-bench0")
     fingerprint = spec.unit_fingerprint("image", spec.fingerprint)
     output = Location(str(root / "out"), {})
     churn = max(1, int(inputs * churn_share))
@@ -279,7 +278,7 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
     start_ray(args.cpus)
     inventory = str(root / "inventory" / "archive" / "nightly") if args.inventory else None
     cfg = config(root, inventory)
-    spec = RunSpec.resolve(cfg, resolve_settings(cfg), "20990101T000000Z-bench1")
+    spec = RunSpec.resolve(cfg, "20990101T000000Z-bench1")
     output_uri = cfg.output.uri
     real_list_blocks = listing.list_blocks
     read = ray.remote(_read_entries).options(num_cpus=listing.LIST_TASK_CPUS)
@@ -297,13 +296,13 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
     state_file = root / "out" / state.STATE_KEY
     with RssSampler() as rss, mock.patch.object(listing, "list_blocks", synthetic_listing):
         result, plan_s = timed("plan (plan.make_plan), cold: each Ray worker's first task imports the pipeline",
-                               plan.make_plan, cfg, spec)
+                               plan.make_plan, spec)
         assert len(result.skipped) == args.inputs and not result.todo and not result.rejected, \
             (len(result.skipped), len(result.todo), len(result.rejected))
         del result
         warm_s = None
         if args.warm:
-            result, warm_s = timed("plan again, warm workers", plan.make_plan, cfg, spec)
+            result, warm_s = timed("plan again, warm workers", plan.make_plan, spec)
             del result
         churn = max(1, int(args.inputs * args.churn))
         run_id = "20990101T000000Z-bench1"

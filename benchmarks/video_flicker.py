@@ -73,7 +73,7 @@ def run(config: dict, label: str) -> dict:
 
     cfg = validate_config(config)
     started = time.monotonic()
-    summary = execute(prepare(cfg), cfg)
+    summary = execute(prepare(cfg))
     seconds = time.monotonic() - started
     if summary["failed"] or summary["ok"] != 1:
         raise SystemExit(f"{label}: the job did not finish the clip: {summary}")

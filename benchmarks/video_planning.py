@@ -71,7 +71,6 @@ def main() -> None:
     import ray
 
     from pipeline.config import validate_config
-    from pipeline.engine import resolve_settings
     from pipeline.plan import make_plan
     from pipeline.spec import RunSpec
 
@@ -88,9 +87,9 @@ def main() -> None:
     def timed_plan(output: str, in_tasks: bool) -> tuple[float, dict]:
         cfg = validate_config({"input": {"uri": str(source)}, "output": {"uri": str(work / output)},
                                "model": {"path": "bicubic"}, "video": {"segment_seconds": 4}})
-        spec = RunSpec.resolve(cfg, resolve_settings(cfg), "bench")
+        spec = RunSpec.resolve(cfg, "bench")
         began = time.monotonic()
-        plan = make_plan(cfg, spec, in_tasks=in_tasks)
+        plan = make_plan(spec, in_tasks=in_tasks)
         seconds = time.monotonic() - began
         stats = plan.video_indexing
         assert len(plan.clips) == args.clips and not plan.rejected, plan.rejected[:3]

@@ -3,8 +3,8 @@ LLaVA"; ``dit4sr.captioning``), and the text encoding of every prompt, outside t
 
 Where each step runs:
 
-* **Planning** resolves the caption settings (``caption_settings``: the model folder is checked from its small
-  files — config.json, chat template — so a wrong path fails the job before any input is read) and takes every
+* **Planning** resolves the caption settings (``pipeline.spec.Captioning``: the model folder is checked from its
+  small files — config.json, chat template — so a wrong path fails the job before any input is read) and takes every
   caption it can from the unit state: a unit's latest done row keeps its caption, reused while the source's
   identity (size, ETag/mtime) and the caption fingerprint (model identity, question, token limit, filter, dtype)
   match — a re-run, a resumed run or a change of any other setting captions nothing. Sources listed in
@@ -38,49 +38,23 @@ import media
 from media import video
 
 from . import listing, manifest
-from .config import ConfigError, JobConfig
-from .engine import NEGATIVE, engine_kind, negative_text, prompt_text
-from .plan import CAPTION_FIELDS, Plan, locations
-from .spec import RunSpec
+from .engine import NEGATIVE
+from .plan import CAPTION_FIELDS, Plan
+from .spec import RunSpec, Stage
 from .storage import Location
 from .upscaler import EMBEDDING_COLUMN, RECENT_TEXTS, _fail, _read_unit, _table, _task
 
 
-# -- settings --------------------------------------------------------------------------------------------------------
-def caption_settings(cfg: JobConfig) -> dict[str, Any] | None:
-    """The caption settings that decide each caption (part of the config fingerprint), or None when captions are
-    off. Raises ``ConfigError`` (one line) when the model folder cannot be a caption model."""
-    caption = cfg.upscale.caption
-    if not caption.model:
-        return None
-    from dit4sr.captioning import CAPTIONING_VERSION, OFFICIAL_CAPTION_QUESTION, inspect_caption_model
-
-    try:
-        identity = inspect_caption_model(caption.model, caption.storage_options)
-    except (OSError, ValueError) as exc:
-        from .preflight import describe
-
-        cause = str(exc) if isinstance(exc, ValueError) else describe(exc)
-        raise ConfigError(f"upscale.caption.model {caption.model}: {cause}") from None
-    dtype = caption.dtype
-    if dtype == "auto":  # as dit4sr.devices resolves it on the device the actors will have
-        dtype = "bfloat16" if cfg.compute.caption_gpus > 0 else "float32"
-    return {"model": caption.model, "model_identity": identity,
-            "question": caption.question or OFFICIAL_CAPTION_QUESTION, "max_new_tokens": caption.max_new_tokens,
-            "filter_focus_sentences": caption.filter_focus_sentences, "dtype": dtype, "version": CAPTIONING_VERSION}
-
-
 def set_caption(row: dict[str, Any], caption: str, spec: RunSpec, run_id: str | None = None) -> None:
     """Give ``row`` its caption and the prompt made of it; ``run_id``: the run that generated it (default: this)."""
-    row.update(caption=caption, prompt=prompt_text(spec.settings, caption), caption_model=spec.caption["model"],
-               caption_fingerprint=spec.caption_fingerprint, caption_run_id=run_id or spec.run_id)
+    row.update(caption=caption, prompt=spec.prompt_text(caption), caption_model=spec.caption.model,
+               caption_fingerprint=spec.caption.fingerprint, caption_run_id=run_id or spec.run_id)
 
 
-def _stage_compute(cfg: JobConfig, actors: int | None = None) -> dict[str, Any]:
-    stage = cfg.compute.caption
-    return {"compute": ray.data.ActorPoolStrategy(min_size=min(stage.actors.min, actors or stage.actors.min),
-                                                  max_size=min(stage.actors.max, actors or stage.actors.max)),
-            "num_gpus": cfg.compute.caption_gpus, "num_cpus": stage.cpus_per_actor, "batch_size": stage.batch_size,
+def _stage_compute(stage: Stage, actors: int | None = None) -> dict[str, Any]:
+    return {"compute": ray.data.ActorPoolStrategy(min_size=min(stage.min_actors, actors or stage.min_actors),
+                                                  max_size=min(stage.max_actors, actors or stage.max_actors)),
+            "num_gpus": stage.gpus_per_actor, "num_cpus": stage.cpus_per_actor, "batch_size": stage.batch_size,
             "batch_format": "pyarrow"}
 
 
@@ -88,7 +62,7 @@ def _actor_device(spec: RunSpec) -> str:
     """The device of a captioning or prompt-encoding actor (its torch threads set on the way)."""
     import torch
 
-    torch.set_num_threads(spec.caption_threads)
+    torch.set_num_threads(spec.captioning.threads)
     return "cuda" if ray.get_gpu_ids() else "cpu"
 
 
@@ -100,12 +74,12 @@ class Captioner:
     def __init__(self, spec: RunSpec):
         from dit4sr import ImageCaptioner
 
-        settings = spec.caption
+        caption = spec.caption
         self.spec = spec
         self.captioner = ImageCaptioner.from_pretrained(
-            settings["model"], torch_dtype=settings["dtype"], device=_actor_device(spec),
-            storage_options=dict(spec.caption_storage_options), question=settings["question"],
-            max_new_tokens=settings["max_new_tokens"], filter_focus_sentences=settings["filter_focus_sentences"])
+            caption.model, torch_dtype=caption.dtype, device=_actor_device(spec),
+            storage_options=dict(caption.storage_options), question=caption.question,
+            max_new_tokens=caption.max_new_tokens, filter_focus_sentences=caption.filter_focus_sentences)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -116,7 +90,7 @@ class Captioner:
 
     def _caption(self, row: dict[str, Any]) -> None:
         try:
-            decoded = media.decode_image(row["data"], row["source_key"], self.spec.max_input_pixels)
+            decoded = media.decode_image(row["data"], row["source_key"], self.spec.limits.max_input_pixels)
         except media.MediaError as exc:
             _fail(row, exc.error_type, exc)
             return
@@ -173,21 +147,21 @@ def _middle_frame(row: dict[str, Any], source: Location, output: Location) -> by
     return buffer.getvalue()
 
 
-def caption_clips(plan: Plan, cfg: JobConfig) -> None:
+def caption_clips(plan: Plan) -> None:
     """Caption every clip of the plan that has no caption yet (one per clip, from its representative frame) and give
     it to the clip's row and segments; a clip whose frame cannot be read or captioned fails alone (rejected)."""
     todo = [clip for clip in plan.clips.values() if clip.row["prompt"] is None]
     if not todo:
         return
-    source, output = locations(cfg)
-    stage = cfg.compute.caption
+    source, output = plan.spec.input.location, plan.spec.output.location
+    stage = plan.spec.captioning
     requests = _table([{**clip.row, "task": clip.caption_task} for clip in todo])
     frames = ray.data.from_arrow([requests.slice(start, stage.batch_size)
                                   for start in range(0, requests.num_rows, stage.batch_size)])
     captioned = frames.map_batches(
         read_caption_frames, fn_kwargs={"input_location": source, "output_location": output},
         batch_format="pyarrow", batch_size=stage.batch_size, num_cpus=0.5
-    ).map_batches(Captioner, fn_constructor_kwargs={"spec": plan.spec}, **_stage_compute(cfg, len(todo)))
+    ).map_batches(Captioner, fn_constructor_kwargs={"spec": plan.spec}, **_stage_compute(stage, len(todo)))
     results = {}
     for batch in captioned.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.drop_columns(["data", "frames", "task"]).to_pylist():
@@ -237,9 +211,8 @@ class PromptEncoding:
     def __init__(self, spec: RunSpec, shared: frozenset[str] = frozenset()):
         import dit4sr
 
-        root = dit4sr.BUNDLED_MODEL if spec.model_path == "bundled" else spec.model_path
-        self.encoder = dit4sr.PromptEncoder.from_pretrained(root, device=_actor_device(spec),
-                                                            storage_options=spec.storage_options)
+        self.encoder = dit4sr.PromptEncoder.from_pretrained(spec.model.root, device=_actor_device(spec),
+                                                            storage_options=spec.model.options)
         self.shared = shared
         self.recent: collections.OrderedDict[str, bytes] = collections.OrderedDict()
 
@@ -267,22 +240,22 @@ class PromptEncoding:
         return found
 
 
-def shared_prompt_embeddings(plan: Plan, cfg: JobConfig) -> dict[str, ray.ObjectRef]:
+def shared_prompt_embeddings(plan: Plan) -> dict[str, ray.ObjectRef]:
     """Embeddings of the texts several units of the plan share, and of the negative prompt (key ``NEGATIVE``),
     encoded once in a Ray Data pass on ``PromptEncoding`` actors and kept in Ray's object store for the run."""
-    if engine_kind(cfg.model.path) != "dit4sr":
+    if plan.spec.model.kind != "dit4sr":
         return {}
     texts = {text for text, count in plan.prompt_uses.items() if text and count > 1}
-    negative = negative_text(plan.settings) if plan.todo else None
+    negative = plan.spec.negative_text if plan.todo else None
     wanted = sorted(texts | ({negative} if negative else set()))
     if not wanted:
         return {}
-    stage = cfg.compute.caption
+    stage = plan.spec.captioning
     texts_table = pa.table({"prompt": pa.array(wanted, pa.string()), "status": pa.nulls(len(wanted), pa.string())})
     encoded = ray.data.from_arrow([texts_table.slice(start, stage.batch_size)
                                    for start in range(0, len(wanted), stage.batch_size)]).map_batches(
         PromptEncoding, fn_constructor_kwargs={"spec": plan.spec},
-        **_stage_compute(cfg, math.ceil(len(wanted) / stage.batch_size)))
+        **_stage_compute(stage, math.ceil(len(wanted) / stage.batch_size)))
     refs: dict[str, ray.ObjectRef] = {}
     from dit4sr import PromptEmbedding
 
@@ -296,14 +269,13 @@ def shared_prompt_embeddings(plan: Plan, cfg: JobConfig) -> dict[str, ray.Object
     return refs
 
 
-def add_prompt_stages(dataset: ray.data.Dataset, plan: Plan, cfg: JobConfig,
-                      shared: Mapping[str, Any]) -> ray.data.Dataset:
+def add_prompt_stages(dataset: ray.data.Dataset, plan: Plan, shared: Mapping[str, Any]) -> ray.data.Dataset:
     """The stream's prompt steps between reading and upscaling: captions for photos still without one, then the
     embeddings of the texts no other unit shares. Steps with nothing to do are left out (no model loads)."""
-    stage_kwargs = _stage_compute(cfg)
+    stage_kwargs = _stage_compute(plan.spec.captioning)
     if plan.spec.caption and needs_captions(plan):
         dataset = dataset.map_batches(Captioner, fn_constructor_kwargs={"spec": plan.spec}, **stage_kwargs)
-    if engine_kind(cfg.model.path) == "dit4sr" and any(
+    if plan.spec.model.kind == "dit4sr" and any(
             text is None or (text and text not in shared) for text in plan.prompt_uses):
         dataset = dataset.map_batches(PromptEncoding, fn_constructor_kwargs={
             "spec": plan.spec, "shared": frozenset(text for text in shared if text != NEGATIVE)}, **stage_kwargs)

@@ -23,8 +23,7 @@ import ray
 from media import video
 
 from . import manifest, sequence_movie
-from .config import JobConfig
-from .plan import Clip, Plan, SegmentTally, locations
+from .plan import Clip, Plan, SegmentTally
 from .storage import Location
 
 
@@ -116,9 +115,9 @@ class ClipFinisher:
     are staged — videos in a Ray task (assembly reads the source's audio and writes the output), sequences right
     here."""
 
-    def __init__(self, plan: Plan, cfg: JobConfig):
+    def __init__(self, plan: Plan):
         self.clips, self.run_id = plan.clips, plan.run_id
-        self.source, self.output = locations(cfg)
+        self.source, self.output = plan.spec.input.location, plan.spec.output.location
         self.pending: dict[ray.ObjectRef, Clip] = {}
         self.finished: list[dict[str, Any]] = []  # clip rows committed since the last drain_finished()
         self._finish = ray.remote(finish_video).options(num_cpus=1)

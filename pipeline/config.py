@@ -306,6 +306,6 @@ def validate_config(data: dict[str, Any], source: str = "<dict>") -> JobConfig:
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
-    """Stable hash of resolved settings that change output bytes (see ``engine.resolve_settings``)."""
+    """Stable hash of resolved settings that change output bytes (see ``spec.RunSpec.fingerprint_fields``)."""
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -4,16 +4,12 @@
 * ``bicubic``: a plain bicubic resize, for tests and plumbing runs only (fast, deterministic, no model).
 * ``package.module:factory``: any importable factory ``factory(settings) -> Engine`` (plug-in engines).
 
-``resolve_settings`` turns the config into the concrete values that decide output bytes (model defaults filled
-in), which is what the config fingerprint hashes; engines run from those same values, so what was fingerprinted
-is exactly what runs.
+Engines run from the run spec (``pipeline.spec``): the resolved values the config fingerprint hashes, so what was
+fingerprinted is exactly what runs.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib
 import json
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -21,11 +17,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .config import ConfigError, JobConfig
-from .spec import RunSpec
-from .storage import Location
+from .spec import RunSpec, plugin_factory
 
-BICUBIC_VERSION = "pil-bicubic-1"
 NEGATIVE = "\x00negative"  # key of the negative prompt's embedding (never a row's prompt)
 
 
@@ -44,200 +37,45 @@ def upscale_frames(engine: Engine, frames: list[np.ndarray], *, seeds: list[int]
     return [engine.upscale(frame, seed=seed, prompt=prompt) for frame, seed in zip(frames, seeds)]
 
 
-def engine_kind(path: str) -> str:
-    if path == "bicubic":
-        return "bicubic"
-    module, sep, _ = path.partition(":")
-    if sep and "://" not in path and module.replace(".", "").replace("_", "").isalnum():
-        return "plugin"
-    return "dit4sr"
-
-
-def _output_settings(cfg: JobConfig) -> dict[str, Any]:
-    quality = cfg.output.quality if cfg.output.format in ("jpeg", "webp", "avif", "heic", "same") else None
-    return {"scale": cfg.upscale.scale, "output_format": cfg.output.format, "quality": quality}
-
-
-def resolve_settings(cfg: JobConfig) -> dict[str, Any]:
-    """Everything that changes output bytes, with model defaults resolved (the fingerprint's input). With
-    ``upscale.caption`` on, the caption settings (``caption``) are part of it: they decide each input's prompt."""
-    from .captions import caption_settings
-
-    kind = engine_kind(cfg.model.path)
-    if kind == "bicubic":
-        if cfg.upscale.prompt or cfg.upscale.prompts_uri or cfg.upscale.caption.model:
-            raise ConfigError("upscale.prompt / prompts_uri / caption.model: the bicubic engine takes no prompt")
-        return {"engine": BICUBIC_VERSION, **_output_settings(cfg)}
-    caption = caption_settings(cfg)  # a caption model that cannot work fails the job here, before any input
-    if kind == "plugin":
-        factory = _import(cfg.model.path)
-        return {"engine": cfg.model.path, "version": getattr(factory, "version", None),
-                "seed": cfg.upscale.seed, "prompt": cfg.upscale.prompt, **_output_settings(cfg),
-                **({"caption": caption} if caption else {})}
-    return {**_dit4sr_settings(cfg), **({"caption": caption} if caption else {})}
-
-
-def _import(path: str) -> Any:
-    module, _, attribute = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model.path: cannot import engine factory {path!r}: {exc}") from exc
-
-
-def model_root(cfg: JobConfig) -> Location:
-    import dit4sr
-
-    return Location(dit4sr.BUNDLED_MODEL if cfg.model.path == "bundled" else cfg.model.path,
-                    cfg.model.storage_options)
-
-
-def transformer_root(cfg: JobConfig) -> Location:
-    """Where the DiT4SR transformer (and its recommended settings) live: ``model.transformer`` or the main root."""
-    return Location(cfg.model.transformer, cfg.model.storage_options) if cfg.model.transformer else model_root(cfg)
-
-
-def _read_json(root: Location, key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(root.read(key))
-    except FileNotFoundError:
-        return None
-
-
-# What ``compute.compile`` folds into the fingerprint when on: the compile scheme (dit4sr.compile). Eager runs
-# carry no key, so their fingerprints are those of runs made before compiling existed.
-COMPILE_SCHEME = "regional-dynamic-batch"
-
-
-def compile_enabled(cfg: JobConfig) -> bool:
-    """``compute.compile`` resolved at plan time: auto is on exactly when actors get GPUs and run on CUDA."""
-    if cfg.compute.compile != "auto":
-        return cfg.compute.compile == "on"
-    device = cfg.model.device
-    return cfg.compute.gpus_per_actor > 0 and (device is None or device.startswith("cuda"))
-
-
-def _dit4sr_settings(cfg: JobConfig) -> dict[str, Any]:
-    """Resolve the settings exactly as the pipeline will (config > recommended_settings.json > official
-    defaults) from the model's small JSON files only, so planning and dry runs never load weights."""
-    import dit4sr
-    from dit4sr import TEXT_COMPONENTS, effective_settings, read_recommended_settings
-
-    root = model_root(cfg)
-    index = _read_json(root, "model_index.json")
-    if index is None:
-        raise ConfigError(f"model.path {cfg.model.path!r}: no model_index.json at {root.uri}")
-    dit_root = transformer_root(cfg)
-    transformer = _read_json(dit_root, "transformer/config.json")
-    if transformer is None:
-        raise ConfigError(f"no transformer/config.json at {dit_root.uri}"
-                          + ("" if cfg.model.transformer else ": set model.transformer to a DiT4SR root"))
-    vae = _read_json(root, "vae/config.json") or {}
-    try:
-        recommended = read_recommended_settings(list(dict.fromkeys([root.uri, dit_root.uri])), root.storage_options)
-    except ValueError as exc:
-        raise ConfigError(f"model {cfg.model.path!r}: {exc}") from exc
-    upscale = cfg.upscale
-    sampler = effective_settings(recommended, num_inference_steps=upscale.steps,
-                                 guidance_scale=upscale.guidance_scale, tile_size=upscale.tile_size,
-                                 tile_overlap=upscale.tile_overlap, color_fix=upscale.color_fix)
-    sampler.pop("tile_batch_size")  # changes rounding only, like batch sizes: not part of the fingerprint
-    # The model's identity without downloading weights: its JSON files, and every file's name and size.
-    files = [sorted((e.relative, e.size) for e in location.list() if not e.relative.startswith("."))
-             for location in {root.uri: root, dit_root.uri: dit_root}.values()]
-    identity = hashlib.sha256(json.dumps([index, transformer, vae, recommended, files], sort_keys=True,
-                                         default=str).encode()).hexdigest()[:16]
-    settings = {
-        "engine": "dit4sr", "sampler_version": dit4sr.SAMPLER_VERSION, "model": cfg.model.path,
-        "transformer": cfg.model.transformer,
-        "model_identity": identity, "release": cfg.model.release, "dtype": cfg.model.dtype,
-        "seed": upscale.seed, "prompt": upscale.prompt, **sampler, **_output_settings(cfg),
-        "vae_scale_factor": int(vae.get("downscale_factor") or 2 ** (len(vae.get("block_out_channels", [0])) - 1)),
-        "patch_size": int(transformer.get("patch_size", 2)),
-        **({"compile": COMPILE_SCHEME} if compile_enabled(cfg) else {}),
-    }
-    has_text_encoders = all(index.get(name) and index[name][0] for name in TEXT_COMPONENTS)
-    prompts = upscale.prompt or ("<per-source prompt>" if upscale.prompts_uri else "") \
-        or ("<caption>" if upscale.caption.model else "")
-    wanted = [text for text in (prompt_text(settings, prompts), negative_text(settings)) if text]
-    if wanted and not has_text_encoders:
-        raise ConfigError(
-            f"model {cfg.model.path!r} has no text encoders, so it cannot encode {wanted[0]!r}: leave "
-            "upscale.prompt, prompts_uri and caption.model unset, and keep guidance_scale <= 1 unless the model "
-            "ships text encoders")
-    return settings
-
-
-def prompt_text(settings: dict[str, Any], prompt: str) -> str:
-    """The exact text a prompt conditions the model with (the manifest's ``prompt``): DiT4SR appends its
-    ``added_prompt`` to non-empty prompts; other engines take the prompt as it is."""
-    if settings.get("engine") != "dit4sr":  # specs built in tests may carry the output settings only
-        return prompt
-    from dit4sr import compose_prompt
-
-    return compose_prompt(prompt, settings["added_prompt"])
-
-
-def negative_text(settings: dict[str, Any]) -> str | None:
-    """DiT4SR's negative prompt where guidance uses it (its embedding is keyed ``NEGATIVE``), else None."""
-    if settings["engine"] != "dit4sr" or settings["guidance_scale"] <= 1:
-        return None
-    return settings["negative_prompt"] or None
-
-
 def output_size_error(spec: RunSpec, width: int, height: int) -> str | None:
     """Why a ``width x height`` image or frame exceeds ``limits.max_output_pixels``, or None. DiT4SR samples a
     canvas whose short side is at least its process size, so a very thin input (3x2000) samples far more pixels
     than it outputs: the limit applies to the larger of the two."""
-    scale, limit, settings = spec.scale, spec.max_output_pixels, spec.settings
+    scale, limit = spec.scale, spec.limits.max_output_pixels
     output = width * height * scale * scale
     if output > limit:
         return f"{width}x{height} at x{scale} is {output} output pixels, above limits.max_output_pixels={limit}"
-    if settings["engine"] != "dit4sr":
+    if spec.sampler is None:
         return None
     from dit4sr.geometry import resize_plan
 
-    sampled_height, sampled_width = resize_plan(height, width, scale, settings["process_size"],
-                                                settings["vae_scale_factor"], settings["patch_size"])[-1]
+    process_size = spec.sampler.process_size
+    sampled_height, sampled_width = resize_plan(height, width, scale, process_size, spec.geometry.vae_scale_factor,
+                                                spec.geometry.patch_size)[-1]
     if sampled_width * sampled_height > limit:
         return (f"{width}x{height} at x{scale} is sampled on a {sampled_width}x{sampled_height} canvas "
-                f"(process size {settings['process_size']}), above limits.max_output_pixels={limit}")
+                f"(process size {process_size}), above limits.max_output_pixels={limit}")
     return None
 
 
-def tiles_per_frame(cfg: JobConfig, settings: dict[str, Any], width: int, height: int) -> int:
+def tiles_per_frame(spec: RunSpec, width: int, height: int) -> int:
     """Sampler tiles for one image or frame, as ``DiT4SRPipeline`` will run it (other engines: one "tile")."""
-    if settings["engine"] != "dit4sr":
+    if spec.sampler is None:
         return 1
     from dit4sr.geometry import plan_geometry
 
-    transformer = _transformer_config(cfg)
-    max_side = transformer.get("pos_embed_max_size")
-    return plan_geometry(height, width, upscale=settings["scale"], process_size=settings["process_size"],
-                         vae_scale_factor=settings["vae_scale_factor"], patch_size=settings["patch_size"],
-                         tile_size=settings["tile_size"], tile_overlap=settings["tile_overlap"],
-                         max_latent_side=max_side * settings["patch_size"] if max_side else None).tiles
+    sampler, geometry = spec.sampler, spec.geometry
+    max_side = geometry.pos_embed_max_size
+    return plan_geometry(height, width, upscale=spec.scale, process_size=sampler.process_size,
+                         vae_scale_factor=geometry.vae_scale_factor, patch_size=geometry.patch_size,
+                         tile_size=sampler.tile_size, tile_overlap=sampler.tile_overlap,
+                         max_latent_side=max_side * geometry.patch_size if max_side else None).tiles
 
 
-def sampler_steps(settings: dict[str, Any]) -> int:
-    """Denoising steps per tile (engines without steps: one)."""
-    return settings.get("num_inference_steps") or 1
-
-
-def tile_steps(cfg: JobConfig, settings: dict[str, Any], width: int, height: int, frames: int = 1) -> int:
+def tile_steps(spec: RunSpec, width: int, height: int, frames: int = 1) -> int:
     """Sampler work of ``frames`` frames of ``width x height``: tiles per frame x frames x steps — what the dry run
     estimates and the run's metrics count."""
-    return tiles_per_frame(cfg, settings, width, height) * frames * sampler_steps(settings)
-
-
-@functools.cache
-def _transformer_config_at(uri: str, options: str) -> dict[str, Any]:
-    return _read_json(Location(uri, json.loads(options)), "transformer/config.json") or {}
-
-
-def _transformer_config(cfg: JobConfig) -> dict[str, Any]:
-    root = transformer_root(cfg)
-    return _transformer_config_at(root.uri, json.dumps(root.storage_options, sort_keys=True, default=str))
+    return tiles_per_frame(spec, width, height) * frames * spec.steps_per_tile
 
 
 def bicubic(image: np.ndarray, scale: int) -> np.ndarray:
@@ -250,17 +88,14 @@ def bicubic(image: np.ndarray, scale: int) -> np.ndarray:
 
 
 class BicubicEngine:
-    """Bicubic resize per channel in float32 (deterministic, size exact); not a super-resolution model."""
+    """Bicubic resize per channel in float32 (deterministic, size exact); not a super-resolution model. Built like a
+    plug-in engine, from the fingerprinted settings (``RunSpec.fingerprint_fields``), so plug-ins may wrap it."""
 
-    def __init__(self, settings: dict[str, Any]):
+    def __init__(self, settings: Mapping[str, Any]):
         self.scale = settings["scale"]
 
     def upscale(self, image: np.ndarray, *, seed: int, prompt: str) -> np.ndarray:
         return np.clip(bicubic(image, self.scale), 0.0, 1.0).astype(np.float32)
-
-
-SAMPLER_KEYS = ("num_inference_steps", "guidance_scale", "start_point", "tile_size", "tile_overlap",
-                "tile_weighting", "color_fix", "process_size", "negative_prompt", "added_prompt", "vae_tiling")
 
 
 class DiT4SREngine:
@@ -273,17 +108,17 @@ class DiT4SREngine:
 
         import dit4sr
 
-        torch.set_num_threads(spec.torch_threads)
-        self.settings = spec.settings
-        self.sampler = {key: self.settings[key] for key in SAMPLER_KEYS}
+        model = spec.model
+        torch.set_num_threads(model.torch_threads)
+        self.scale, self.sampler = spec.scale, spec.sampler.call_arguments()
         negative = prompt_embeds.get(NEGATIVE)
         self.negative = {} if negative is None else {"negative_prompt_embeds": negative.prompt_embeds,
                                                       "negative_pooled_prompt_embeds": negative.pooled_prompt_embeds}
         self.prompt_embeds = prompt_embeds
         self.pipe = dit4sr.DiT4SRPipeline.from_pretrained(
-            spec.model_path, transformer=spec.model_transformer, release=spec.model_release,
-            torch_dtype=getattr(torch, self.settings["dtype"]), device=device, storage_options=spec.storage_options)
-        if spec.compile:
+            model.path, transformer=model.transformer, release=model.release, torch_dtype=getattr(torch, model.dtype),
+            device=device, storage_options=model.options)
+        if model.compile:
             self.pipe.enable_compile()
 
     @property
@@ -301,7 +136,7 @@ class DiT4SREngine:
             raise RuntimeError(f"no embedding reached this actor for the prompt {prompt[:80]!r}")
         embeds = {} if embedding is None else {"prompt_embeds": embedding.prompt_embeds,
                                                "pooled_prompt_embeds": embedding.pooled_prompt_embeds}
-        result = self.pipe(frames, upscale=self.settings["scale"], seed=seeds, output_type="np",
+        result = self.pipe(frames, upscale=self.scale, seed=seeds, output_type="np",
                            show_progress=False, **self.sampler, **embeds, **self.negative)
         return [np.asarray(image, dtype=np.float32) for image in result.images]
 
@@ -318,9 +153,8 @@ def engine_run_settings(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def load_engine(spec: RunSpec, *, device: str, prompt_embeds: Mapping[str, Any] | None = None) -> Engine:
-    kind = engine_kind(spec.model_path)
-    if kind == "bicubic":
-        return BicubicEngine(spec.settings)
-    if kind == "plugin":
-        return _import(spec.model_path)(spec.settings)
+    if spec.model.kind == "bicubic":
+        return BicubicEngine(spec.fingerprint_fields())
+    if spec.model.kind == "plugin":
+        return plugin_factory(spec.model.path)(spec.fingerprint_fields())
     return DiT4SREngine(spec, device=device, prompt_embeds=prompt_embeds or {})

@@ -21,7 +21,7 @@ from typing import Any
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from . import engine
-from .config import JobConfig
+from .spec import RunSpec
 
 SECONDS_BOUNDARIES = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600]
 
@@ -42,20 +42,20 @@ def _instruments() -> dict[str, Any]:
     }
 
 
-def unit_tile_steps(cfg: JobConfig, settings: dict[str, Any], row: dict[str, Any]) -> int:
+def unit_tile_steps(spec: RunSpec, row: dict[str, Any]) -> int:
     """Sampler work of one finished unit: tiles per frame x frames (a segment's range, else one) x steps; 0 when
     it failed or its size is unknown."""
     if row["status"] not in ("ok", "staged") or not row.get("width") or not row.get("height"):
         return 0
     frames = row["frame_stop"] - row["frame_start"] if row.get("frame_stop") is not None else 1
-    return engine.tile_steps(cfg, settings, row["width"], row["height"], frames)
+    return engine.tile_steps(spec, row["width"], row["height"], frames)
 
 
 class RunMetrics:
     """Driver side: records each finished input and the run's tile-step rate."""
 
-    def __init__(self, cfg: JobConfig, settings: dict[str, Any]):
-        self.cfg, self.settings = cfg, settings
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
         self.started = time.monotonic()
         self.tile_steps = 0
         self._metrics = _instruments()
@@ -65,7 +65,7 @@ class RunMetrics:
         self._metrics["inputs"].inc(tags={"status": row["status"], "error_type": row.get("error_type") or ""})
         if row.get("seconds") is not None:
             self._metrics["seconds"].observe(row["seconds"])
-        steps = unit_tile_steps(self.cfg, self.settings, row)
+        steps = unit_tile_steps(self.spec, row)
         if steps:
             self.tile_steps += steps
             self._metrics["tile_steps"].inc(steps)

@@ -41,10 +41,10 @@ from media import video
 from media.video import mezzanine
 
 from . import listing, manifest, sequence_movie, state, video_index
-from .config import ConfigError, JobConfig, fingerprint
-from .engine import output_size_error, prompt_text, sampler_steps, tiles_per_frame
-from .preflight import check_output_outside_input, locations  # noqa: F401 - also used from here
-from .spec import RunSpec
+from .config import ConfigError
+from .engine import output_size_error, tiles_per_frame
+from .preflight import check_output_outside_input
+from .spec import InputSpec, RunSpec
 from .storage import Entry, Location, UnsafeKeyError, check_relative_key, glob_matcher
 
 log = logging.getLogger("pipeline")
@@ -157,10 +157,6 @@ class Plan:
         return self.spec.run_id
 
     @property
-    def settings(self) -> dict[str, Any]:
-        return self.spec.settings
-
-    @property
     def fingerprint(self) -> str:
         return self.spec.fingerprint
 
@@ -173,12 +169,12 @@ def output_key(relative: str, extension: str) -> str:
     return relative[:len(relative) - len(suffix)] + extension
 
 
-def load_prompts(cfg: JobConfig) -> dict[str, str]:
+def load_prompts(inputs: InputSpec) -> dict[str, str]:
     """Per-source prompts from ``upscale.prompts_uri`` (Parquet or CSV with columns ``source`` and ``prompt``)."""
-    uri = cfg.upscale.prompts_uri
+    uri = inputs.prompts_uri
     if not uri:
         return {}
-    location = Location(uri.rsplit("/", 1)[0] or ".", cfg.input.storage_options)
+    location = Location(uri.rsplit("/", 1)[0] or ".", inputs.location.storage_options)
     data = location.read(uri.rsplit("/", 1)[1])
     reader = pq.read_table if uri.lower().endswith((".parquet", ".pq")) else pacsv.read_csv
     table = reader(io.BytesIO(data))
@@ -251,18 +247,18 @@ def group_inputs(entries: list[Entry], sequence_folders: list[str]) -> tuple[lis
 
 # -- the planner ---------------------------------------------------------------------------------------------------
 class _Planner:
-    def __init__(self, cfg: JobConfig, spec: RunSpec, previous: Mapping[str, dict[str, Any]],
+    def __init__(self, spec: RunSpec, previous: Mapping[str, dict[str, Any]],
                  existing: dict[str, Entry], prompts: dict[str, str], *, dry_run: bool = False,
                  in_tasks: bool = False):
         """``previous``: the latest done row of each unit this planner may meet; ``existing``: the output entries
         its units may have written (both no more than its share of the catalog)."""
-        self.cfg, self.spec = cfg, spec
+        self.spec = spec
         # A dry run writes nothing (no kept indexes, no decoded-once staging); Ray tasks wherever Ray is up.
         self.dry_run = dry_run
         self.in_tasks = in_tasks
         self.decoded_once: list[tuple[Entry, dict[str, Any], list[video.Segment], list[dict[str, Any]],
                                       dict[str, Any], video.VideoIndex]] = []  # ..., the source's index
-        self.source, self.output = locations(cfg)
+        self.source, self.output = spec.input.location, spec.output.location
         self.plan = Planned()
         self.prompts, self.previous, self.existing = prompts, previous, existing
         self._fingerprints: dict[tuple[str, str | None], str] = {}
@@ -273,28 +269,28 @@ class _Planner:
         prompt = self.source_prompt(key)
         row = manifest.empty_row(
             run_id=self.spec.run_id, source_uri=self.source.url(key), source_key=key, source_size=size,
-            source_etag_or_mtime=identity, prompt=None if prompt is None else prompt_text(self.spec.settings, prompt),
+            source_etag_or_mtime=identity, prompt=None if prompt is None else self.spec.prompt_text(prompt),
             unit=unit, unit_key=key, config_fingerprint=self.unit_fingerprint(unit, prompt))
         row.update(values)
         if prompt is None:  # to be captioned, unless an earlier run's caption still holds
-            row.update(caption_model=self.spec.caption["model"], caption_fingerprint=self.spec.caption_fingerprint)
+            row.update(caption_model=self.spec.caption.model, caption_fingerprint=self.spec.caption.fingerprint)
             self.reuse_caption(row, self.previous.get(key))
         return row
 
     def source_prompt(self, key: str) -> str | None:
         """The source's prompt as configured: its entry in prompts_uri, else the fixed prompt; None where it is
         to be captioned (upscale.caption)."""
-        if "prompt" not in self.spec.settings:
+        if not self.spec.takes_prompts:
             return ""
         if key in self.prompts:
             return self.prompts[key]
-        return None if self.spec.caption else self.cfg.upscale.prompt
+        return None if self.spec.caption else self.spec.prompt
 
     def reuse_caption(self, row: dict[str, Any], done: dict[str, Any] | None) -> bool:
         """Give ``row`` the caption of an earlier row of its unit made from the same source with the same caption
         settings (the unit state keeps each unit's latest done row)."""
         if done is None or done.get("caption") is None or done.get("caption_fingerprint") != \
-                self.spec.caption_fingerprint or (done["source_size"], done["source_etag_or_mtime"]) != \
+                self.spec.caption.fingerprint or (done["source_size"], done["source_etag_or_mtime"]) != \
                 (row["source_size"], row["source_etag_or_mtime"]):
             return False
         from .captions import set_caption
@@ -307,19 +303,9 @@ class _Planner:
         # a planning worker ever ran, and its bucket's rows, alive.
         key = (unit, prompt)
         if key not in self._fingerprints:
-            self._fingerprints[key] = self._unit_fingerprint(unit, prompt)
+            # A per-source prompt changes that source's output only, so it goes into that row's fingerprint.
+            self._fingerprints[key] = self.spec.unit_fingerprint(unit, self.spec.image_fingerprint(prompt))
         return self._fingerprints[key]
-
-    def _unit_fingerprint(self, unit: str, prompt: str | None) -> str:
-        """A per-source prompt changes that source's output only, so it goes into that row's fingerprint; a
-        captioned row's (``prompt`` None) has the caption settings instead, which decide its caption."""
-        settings = self.spec.settings
-        if prompt is None or "prompt" not in settings:
-            image_fingerprint = self.spec.fingerprint
-        else:
-            uncaptioned = {key: value for key, value in settings.items() if key != "caption"}
-            image_fingerprint = fingerprint({**uncaptioned, "prompt": prompt})
-        return self.spec.unit_fingerprint(unit, image_fingerprint)
 
     def reject(self, row: dict[str, Any], error_type: str, message: str) -> None:
         self.plan.rejected.append({**row, "status": "failed", "error_type": error_type, "error_message": message})
@@ -365,7 +351,7 @@ class _Planner:
     def add_image(self, entry: Entry) -> None:
         row = self.row(entry.relative, "image", entry.size, entry.identity)
         try:
-            extension = media.output_extension(entry.relative, self.cfg.output.format)
+            extension = media.output_extension(entry.relative, self.spec.output.format)
         except ValueError as exc:
             self.reject(row, "unsupported", str(exc))
             return
@@ -387,7 +373,7 @@ class _Planner:
             rows[entry.relative] = (entry, row)
         indexed, self.plan.video_indexing = video_index.index_videos(
             self.source, self.output, [_video_source(entry) for entry, _ in rows.values()],
-            max_seconds=self.cfg.limits.max_video_seconds, in_tasks=self.in_tasks, write=not self.dry_run)
+            max_seconds=self.spec.limits.max_video_seconds, in_tasks=self.in_tasks, write=not self.dry_run)
         for key, (entry, row) in rows.items():
             self.add_video(entry, row, indexed[key])
         self.stage_decoded_once()
@@ -397,7 +383,7 @@ class _Planner:
             self.reject(row, indexed.failure.error_type, indexed.failure.message)
             return
         index = indexed.index
-        limits = self.cfg.limits
+        limits = self.spec.limits
         row.update(width=index.width, height=index.height, source_format=f"{index.container}/{index.codec}",
                    frames_in=index.frames, duration_in=index.duration)
         if limits.max_video_seconds is not None and index.duration > limits.max_video_seconds:
@@ -419,7 +405,7 @@ class _Planner:
             return
         rate = index.average_rate or (index.frames / index.duration if index.duration else 24)
         segment_frames = max(1, round(self.spec.video.segment_seconds * float(rate)))
-        row["seed"] = seed = derive_seed(self.spec.base_seed, bytes.fromhex(index.content_sha256))
+        row["seed"] = seed = derive_seed(self.spec.seed, bytes.fromhex(index.content_sha256))
         deinterlaced = video.deinterlaces(index, self.spec.video.deinterlace)
         planned = video.plan_segments(index, segment_frames, deinterlace=self.spec.video.deinterlace,
                                       rate=self.spec.video.deinterlace_rate)
@@ -499,7 +485,7 @@ class _Planner:
         if self.skip(row, outputs=frame_keys + ([movie] if movie else [])):
             return
         per_segment = max(1, round(self.spec.video.segment_seconds * SEQUENCE_FRAMES_PER_SECOND))
-        row["seed"] = seed = derive_seed(self.spec.base_seed, sequence.content_identity)
+        row["seed"] = seed = derive_seed(self.spec.seed, sequence.content_identity)
         segments = [self.segment_row(row, start, min(start + per_segment, len(frame_keys)), seed, {
             "kind": "sequence", "frames": frame_keys[start:start + per_segment]})
             for start in range(0, len(frame_keys), per_segment)]
@@ -573,12 +559,13 @@ def _video_source(entry: Entry) -> video_index.VideoSource:
     return video_index.VideoSource(entry.relative, entry.size, entry.identity)
 
 
-def input_blocks(cfg: JobConfig, source: Location, *, in_tasks: bool) -> list[listing.Block]:
+def input_blocks(inputs: InputSpec, *, in_tasks: bool) -> list[listing.Block]:
     """The input's files as entry blocks: from its S3 Inventory report where ``input.inventory`` names one, else
     listed (in parallel Ray tasks when Ray is up)."""
-    globs = {"include": cfg.input.include, "exclude": cfg.input.exclude, "case_sensitive": cfg.input.case_sensitive}
-    if cfg.input.inventory:
-        return listing.inventory_blocks(cfg.input.inventory, source, **globs, in_tasks=in_tasks)
+    source = inputs.location
+    globs = {"include": list(inputs.include), "exclude": list(inputs.exclude), "case_sensitive": inputs.case_sensitive}
+    if inputs.inventory:
+        return listing.inventory_blocks(inputs.inventory, source, **globs, in_tasks=in_tasks)
     return listing.list_blocks(source, **globs, in_tasks=in_tasks)
 
 
@@ -655,7 +642,6 @@ def _frames(todo: list[dict[str, Any]], clips: dict[str, Clip]) -> int:
 
 @dataclass(frozen=True)
 class _Context:
-    cfg: JobConfig
     spec: RunSpec
     dry_run: bool
 
@@ -678,11 +664,11 @@ def plan_bucket(context: _Context, prompts: dict[str, str], counts: tuple[int, i
     skipped, the rejected rows, and what the driver needs: clips, prompts, counts."""
     inputs, done, outputs = tables[:counts[0]], tables[counts[0]:counts[0] + counts[1]], tables[sum(counts):]
     existing = {entry.relative: entry for entry in _entries(outputs)}
-    planner = _Planner(context.cfg, context.spec, state.LatestRows(state.latest_per_unit(list(done))), existing,
+    planner = _Planner(context.spec, state.LatestRows(state.latest_per_unit(list(done))), existing,
                        prompts, dry_run=context.dry_run)
     entries = list(_entries(inputs))
     images, videos, sequences = group_inputs(sorted(entries, key=lambda entry: entry.relative),
-                                             context.cfg.video.sequence_folders)
+                                             list(context.spec.video.sequence_folders))
     assert not videos, "videos are planned by the driver"
     for entry in images:
         planner.add_image(entry)
@@ -697,25 +683,25 @@ def plan_bucket(context: _Context, prompts: dict[str, str], counts: tuple[int, i
             manifest.to_table(planned.rejected), side)
 
 
-def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None) -> Plan:
+def make_plan(spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = None) -> Plan:
     """The run's plan, made as distributed work where Ray is up (``in_tasks`` None: whenever Ray is initialised):
     listing/inventory, unit state and output listing are split into buckets, each planned by a Ray task; the
     driver plans only videos (indexed in Ray tasks) and keeps refs, counts and clips. A dry run writes nothing."""
     in_tasks = ray.is_initialized() if in_tasks is None else in_tasks
     runner = listing.Runner(in_tasks)
-    source, output = locations(cfg)
-    check_output_outside_input(cfg, source, output)
-    prompts = load_prompts(cfg)
-    sources = {"inputs": input_blocks(cfg, source, in_tasks=in_tasks),
+    output = spec.output.location
+    check_output_outside_input(spec.input, output)
+    prompts = load_prompts(spec.input)
+    sources = {"inputs": input_blocks(spec.input, in_tasks=in_tasks),
                "state": state.done_blocks(output, in_tasks=in_tasks),
                "outputs": listing.list_blocks(output, exclude=[f"{manifest.MANIFEST_DIR}/**"], in_tasks=in_tasks)}
     sizes = {kind: runner.rows(blocks) for kind, blocks in sources.items()}
     buckets = max(1, -(-max(sizes.values()) // ROWS_PER_BUCKET))
-    split = {kind: [runner.submit(split_block, block, kind, buckets, cfg.video.sequence_folders,
+    split = {kind: [runner.submit(split_block, block, kind, buckets, list(spec.video.sequence_folders),
                                   num_returns=buckets + 1) for block in blocks]
              for kind, blocks in sources.items()}
     del sources  # each block is dropped once split
-    context, prompts_ref = runner.put(_Context(cfg, spec, dry_run)), runner.put(prompts)
+    context, prompts_ref = runner.put(_Context(spec, dry_run)), runner.put(prompts)
     results = []
     for number in range(buckets):
         tables = [parts[number] for kind in ("inputs", "state", "outputs") for parts in split[kind]]
@@ -724,7 +710,7 @@ def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks:
     to_driver = {kind: [runner.get(parts[buckets]) for parts in split[kind]] for kind in split}
     del split
     videos = list(_entries(to_driver["inputs"]))
-    planner = _Planner(cfg, spec, state.LatestRows(state.latest_per_unit(to_driver["state"])),
+    planner = _Planner(spec, state.LatestRows(state.latest_per_unit(to_driver["state"])),
                        {entry.relative: entry for entry in _entries(to_driver["outputs"])},
                        prompts, dry_run=dry_run, in_tasks=in_tasks)
     planner.add_videos(sorted(videos, key=lambda entry: entry.relative))
@@ -765,11 +751,11 @@ def make_plan(cfg: JobConfig, spec: RunSpec, *, dry_run: bool = False, in_tasks:
 
 
 # -- dry run -------------------------------------------------------------------------------------------------------
-def estimate(plan: Plan, cfg: JobConfig, threads: int = 16) -> dict[str, Any]:
+def estimate(plan: Plan, threads: int = 16) -> dict[str, Any]:
     """Dry-run cost: read only image headers of pending photos (clips were indexed while planning), count sampler
     tiles x steps, per frame for clips."""
-    source, _ = locations(cfg)
-    steps = sampler_steps(plan.settings)
+    source = plan.spec.input.location
+    steps = plan.spec.steps_per_tile
 
     def frame_size(row: dict[str, Any]) -> tuple[int, int]:
         if row["unit"] == "image":
@@ -785,7 +771,7 @@ def estimate(plan: Plan, cfg: JobConfig, threads: int = 16) -> dict[str, Any]:
         frames = row["frames_in"] or 1
         try:
             width, height = frame_size(row)
-            tiles = tiles_per_frame(cfg, plan.settings, width, height)
+            tiles = tiles_per_frame(plan.spec, width, height)
         except Exception as exc:  # noqa: BLE001 - a dry run reports unreadable headers instead of failing
             return {"key": row["unit_key"], "width": None, "height": None, "tiles": None, "frames": frames,
                     "note": f"unreadable: {type(exc).__name__}: {exc}"}

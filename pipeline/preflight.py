@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from .config import ConfigError, JobConfig
+from .spec import InputSpec
 from .storage import Location, glob_matcher, service_error, with_retries
 
 
@@ -28,19 +29,19 @@ def locations(cfg: JobConfig) -> tuple[Location, Location]:
     return (Location(cfg.input.uri, cfg.input.storage_options), Location(cfg.output.uri, cfg.output.storage_options))
 
 
-def check_output_outside_input(cfg: JobConfig, source: Location, output: Location) -> None:
+def check_output_outside_input(inputs: InputSpec, output: Location) -> None:
     """Refuse an output.uri inside input.uri unless the input patterns leave it out (no job may eat its outputs)."""
-    inner = source.contains(output)
+    inner = inputs.location.contains(output)
     if inner is None:
         return
     from .manifest import MANIFEST_DIR  # pyarrow's dataset layer: not for the common case, before the job starts
-    included, excluded = (glob_matcher(patterns, case_sensitive=cfg.input.case_sensitive)
-                          for patterns in (cfg.input.include, cfg.input.exclude))
+    included, excluded = (glob_matcher(list(patterns), case_sensitive=inputs.case_sensitive)
+                          for patterns in (inputs.include, inputs.exclude))
     probes = [f"{inner}/{name}".lstrip("/") for name in
               ("photo.png", "album/photo.jpg", f"{MANIFEST_DIR}/run=r/part-p.parquet")]
     if inner == "" or any(included(probe) and not excluded(probe) for probe in probes):
         raise ConfigError(
-            f"output.uri {cfg.output.uri!r} lies inside input.uri {cfg.input.uri!r}: the job would read its own "
+            f"output.uri {output.uri!r} lies inside input.uri {inputs.location.uri!r}: the job would read its own "
             f"outputs as inputs. Move the output elsewhere or add input.exclude: ['{inner or '<output>'}/**']")
 
 
@@ -72,7 +73,7 @@ def check(cfg: JobConfig) -> None:
     cannot be listed, the output cannot be listed or created, or the output lies inside the input. Writes
     nothing."""
     source, output = locations(cfg)
-    check_output_outside_input(cfg, source, output)
+    check_output_outside_input(InputSpec.of(cfg.input), output)
     _check_source(source, absent_ok=cfg.input.example_catalog)
     if cfg.input.inventory:  # its manifest readable, of the input's bucket, with the fields planning needs
         from . import listing  # pyarrow's readers: only for inventories, not on every job's way to its first check

@@ -34,9 +34,8 @@ import media
 from media import video
 
 from . import manifest
-from .config import JobConfig
 from .manifest import MANIFEST_DIR
-from .plan import locations
+from .spec import RunSpec
 from .storage import Location
 
 log = logging.getLogger("pipeline")
@@ -56,18 +55,18 @@ def report_key(run_id: str) -> str:
     return f"{MANIFEST_DIR}/run={run_id}/{REPORT_NAME}"
 
 
-def write_report(cfg: JobConfig, summary: dict[str, Any]) -> str | None:
+def write_report(spec: RunSpec, summary: dict[str, Any]) -> str | None:
     """Render and commit the run's report from its committed manifest; returns its URI. Never fails the run: the
     outputs and manifests are committed already, so a report that cannot be made is logged and skipped."""
     try:
-        source, output = locations(cfg)
+        source, output = spec.input.location, spec.output.location
         files = manifest.list_runs(output).get(summary["run_id"])
         digest = RunDigest.of_files(output, files.rows_from if files else [], summary)
-        pairs = [pair for row in digest.pairs if (pair := _photo_pair(source, output, row, cfg)) is not None]
+        pairs = [pair for row in digest.pairs if (pair := _photo_pair(source, output, row, spec)) is not None]
         clips = [{**clip, "seconds": digest.clip_seconds(row)} for row in digest.clips
-                 if (clip := _clip_frames(source, output, row, cfg)) is not None]
+                 if (clip := _clip_frames(source, output, row, spec)) is not None]
         key = report_key(summary["run_id"])
-        output.write_atomic(key, render(summary, digest, pairs, cfg, clips).encode())
+        output.write_atomic(key, render(summary, digest, pairs, spec, clips).encode())
         return output.url(key)
     except Exception:  # noqa: BLE001
         log.warning("could not write the run report", exc_info=True)
@@ -225,10 +224,10 @@ def _data_uri(image: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _photo_pair(source: Location, output: Location, row: dict[str, Any], cfg: JobConfig) -> dict[str, Any] | None:
+def _photo_pair(source: Location, output: Location, row: dict[str, Any], spec: RunSpec) -> dict[str, Any] | None:
     try:
-        before = _rgb(source.read(row["source_key"]), row["source_key"], cfg.limits.max_input_pixels)
-        after = _rgb(output.read(row["output_key"]), row["output_key"], cfg.limits.max_output_pixels)
+        before = _rgb(source.read(row["source_key"]), row["source_key"], spec.limits.max_input_pixels)
+        after = _rgb(output.read(row["output_key"]), row["output_key"], spec.limits.max_output_pixels)
     except Exception as exc:  # noqa: BLE001 - e.g. the source changed since: that pair is left out
         log.info("report: no before/after for %s: %s", row["source_key"], exc)
         return None
@@ -262,19 +261,19 @@ def sequence_frame_keys(location: Location, pattern: str) -> list[str]:
     return [key for _, key in sorted(found)]
 
 
-def _clip_frames(source: Location, output: Location, row: dict[str, Any], cfg: JobConfig) -> dict[str, Any] | None:
+def _clip_frames(source: Location, output: Location, row: dict[str, Any], spec: RunSpec) -> dict[str, Any] | None:
     """First, middle and last frame of a finished clip, before and after."""
     wanted = (0.0, 0.5, 1.0)
     try:
         if row["unit"] == "video":
-            before = _video_frames(source, row["source_key"], list(wanted), cfg.video.deinterlace,
-                                   cfg.video.deinterlace_rate)
+            before = _video_frames(source, row["source_key"], list(wanted), spec.video.deinterlace,
+                                   spec.video.deinterlace_rate)
             after = _video_frames(output, row["output_key"], list(wanted))
         else:
             keys = sequence_frame_keys(source, row["source_key"])
             picked = [keys[round(fraction * (len(keys) - 1))] for fraction in wanted]
-            before = [_rgb(source.read(key), key, cfg.limits.max_input_pixels) for key in picked]
-            after = [_rgb(output.read(key), key, cfg.limits.max_output_pixels) for key in picked]
+            before = [_rgb(source.read(key), key, spec.limits.max_input_pixels) for key in picked]
+            after = [_rgb(output.read(key), key, spec.limits.max_output_pixels) for key in picked]
     except Exception as exc:  # noqa: BLE001 - e.g. the source changed since: that clip is left out
         log.info("report: no frames for %s: %s", row["source_key"], exc)
         return None
@@ -468,7 +467,7 @@ table.facts{width:auto;margin:0 0 10px}table.facts th{font-weight:normal;color:#
 """
 
 
-def render(summary: dict[str, Any], digest: RunDigest, pairs: list[dict[str, Any]], cfg: JobConfig,
+def render(summary: dict[str, Any], digest: RunDigest, pairs: list[dict[str, Any]], spec: RunSpec,
            clips: list[dict[str, Any]] | None = None) -> str:
     median = digest.median_seconds()
     timing = f"median {median:.2f} s, slowest {digest.slowest:.2f} s per unit of work" if median is not None else ""
@@ -487,7 +486,7 @@ def render(summary: dict[str, Any], digest: RunDigest, pairs: list[dict[str, Any
 <title>Run {html.escape(summary['run_id'])} — dit4sr catalog</title><style>{_STYLE}</style></head>
 <body>
 <h1>Run {html.escape(summary['run_id'])}</h1>
-<div class=muted>{html.escape(cfg.input.uri)} → {html.escape(cfg.output.uri)} · config
+<div class=muted>{html.escape(spec.input.location.uri)} → {html.escape(spec.output.location.uri)} · config
 <code>{html.escape(summary['config_fingerprint'])}</code> · report written {written}</div>
 <div class=cards>{cards_html}</div>
 <div class=muted>{timing}</div>

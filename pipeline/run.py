@@ -19,11 +19,12 @@ import ray
 from . import captions, listing, manifest, preflight, report, state
 from .clips import ClipFinisher, remove_staged
 from .config import JobConfig
-from .engine import engine_run_settings, resolve_settings
+from .engine import engine_run_settings
 from .example_catalog import lay_out_example_catalog, lay_out_example_videos
 from .metrics import RunMetrics
 from .outcome import EXIT_INPUTS_FAILED, EXIT_JOB_FAILED, EXIT_LOCKED, EXIT_OK  # noqa: F401 - the job's codes
-from .plan import Plan, estimate, locations, make_plan
+from .plan import Plan, estimate, make_plan
+from .preflight import locations
 from .progress import FrameCounter, Progress
 from .run_lock import RunLock, RunLocked
 from .spec import RunSpec
@@ -33,8 +34,7 @@ from .upscaler import Upscaler, read_sources, write_outputs
 log = logging.getLogger("pipeline")
 
 
-def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
-                  frame_counter: Any = None) -> ray.data.Dataset:
+def build_dataset(plan: Plan, prompt_embeds: dict[str, Any], frame_counter: Any = None) -> ray.data.Dataset:
     """The streaming Ray Data plan; every stage returns manifest-shaped rows, failures included. ``prompt_embeds``:
     object refs of the embeddings of texts several units share (``captions.shared_prompt_embeddings``); captions
     and the other texts' embeddings are made in the stream (``captions.add_prompt_stages``).
@@ -44,8 +44,9 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
     because outputs are pure functions of their inputs, written atomically, and a batch's manifest part is
     named after the units it holds, so a redone batch replaces it rather than adding rows.
     """
-    source, output = locations(cfg)
-    batch_size = cfg.compute.batch_size
+    spec = plan.spec
+    source, output, stage = spec.input.location, spec.output.location, spec.upscaling
+    batch_size = stage.batch_size
     # The planning tasks' blocks, never the driver's rows: split into a batch per block as they stream, so the
     # read stage spreads over many tasks.
     pending = ray.data.from_arrow_refs([block if listing.is_block_ref(block) else ray.put(block)
@@ -55,13 +56,13 @@ def build_dataset(plan: Plan, cfg: JobConfig, prompt_embeds: dict[str, Any],
         read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
         batch_size=batch_size,
         num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
-    prompted = captions.add_prompt_stages(fetched, plan, cfg, prompt_embeds)
+    prompted = captions.add_prompt_stages(fetched, plan, prompt_embeds)
     upscaled = prompted.map_batches(
         Upscaler,
-        fn_constructor_kwargs={"spec": plan.spec, "prompt_embeds": prompt_embeds, "frame_counter": frame_counter},
+        fn_constructor_kwargs={"spec": spec, "prompt_embeds": prompt_embeds, "frame_counter": frame_counter},
         # Ray's current API for an actor pool: map_batches' `concurrency=` is deprecated since Ray 2.51.
-        compute=ray.data.ActorPoolStrategy(min_size=cfg.compute.actors.min, max_size=cfg.compute.actors.max),
-        num_gpus=cfg.compute.gpus_per_actor, num_cpus=cfg.compute.cpus_per_actor,
+        compute=ray.data.ActorPoolStrategy(min_size=stage.min_actors, max_size=stage.max_actors),
+        num_gpus=stage.gpus_per_actor, num_cpus=stage.cpus_per_actor,
         batch_size=batch_size, batch_format="pyarrow")
     written = upscaled.map_batches(
         write_outputs, fn_kwargs={"output_location": output, "run_id": plan.run_id}, batch_format="pyarrow",
@@ -81,31 +82,32 @@ def prepare(cfg: JobConfig, *, dry_run: bool = False) -> Plan:
         written = (lay_out_example_videos if videos else lay_out_example_catalog)(source)
         log.info("input %s was empty: laid out an example catalog of %d %s", cfg.input.uri, len(written),
                  "files (a film and a frame sequence)" if videos else "photos")
-    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), manifest.new_run_id()), dry_run=dry_run)
+    plan = make_plan(RunSpec.resolve(cfg, manifest.new_run_id()), dry_run=dry_run)
     log.info("run %s (config %s): %d units to process (%d clips), %d already done, %d rejected", plan.run_id,
              plan.fingerprint, len(plan.todo), len(plan.clips), len(plan.skipped), len(plan.rejected))
     return plan
 
 
-def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
+def execute(plan: Plan) -> dict[str, Any]:
     """Run the plan on Ray Data, finish its clips, commit the manifests and the run summary; returns the summary.
 
     The driver holds what is in flight: each finished batch is counted (progress, per-clip tallies, the engines'
     own settings) and dropped — its rows are in its manifest part already. The summary, the runs index and the
     report are computed from the committed manifest."""
-    _, output = locations(cfg)
+    spec = plan.spec
+    output = spec.output.location
     started, started_at = time.monotonic(), manifest.utcnow()
-    captions.caption_clips(plan, cfg)  # one caption per clip, before its segments stream (may reject a clip)
+    captions.caption_clips(plan)  # one caption per clip, before its segments stream (may reject a clip)
     for block in plan.rejected.blocks:  # one part per planning bucket, like a batch's
         manifest.write_part(output, plan.run_id, listing.fetch(block).to_pylist())
     remove_staged(output, plan.stale_staging)
-    clips = ClipFinisher(plan, cfg)
+    clips = ClipFinisher(plan)
     engine_settings: set[str] = set()
     counter = FrameCounter.remote() if plan.clips and plan.todo else None
-    with Progress(plan, cfg.run.progress_interval_s, RunMetrics(cfg, plan.settings), counter) as progress:
+    with Progress(plan, spec.progress_interval_s, RunMetrics(spec), counter) as progress:
         progress.add(clips.drain_finished())  # clips staged whole by earlier runs are finished at once
         if plan.todo:
-            dataset = build_dataset(plan, cfg, captions.shared_prompt_embeddings(plan, cfg), counter)
+            dataset = build_dataset(plan, captions.shared_prompt_embeddings(plan), counter)
             for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                 engine_settings.update(batch["engine_settings"].unique().drop_null().to_pylist())
                 done = batch.drop_columns(["engine_settings"]).to_pylist()
@@ -123,10 +125,10 @@ def execute(plan: Plan, cfg: JobConfig) -> dict[str, Any]:
     chosen = engine_run_settings([{"engine_settings": text} for text in sorted(engine_settings)])
     summary = manifest.summarize(tally, run_id=plan.run_id, seconds=time.monotonic() - started,
                                  fingerprint=plan.fingerprint, skipped=len(plan.skipped),
-                                 extra={"settings": {**plan.settings, **chosen}, "video": plan.spec.video,
-                                        "output_uri": cfg.output.uri, "started_at": started_at.isoformat(),
+                                 extra={"settings": {**spec.fingerprint_fields(), **chosen}, "video": spec.video,
+                                        "output_uri": output.uri, "started_at": started_at.isoformat(),
                                         "finished_at": manifest.utcnow().isoformat()})
-    summary["report_uri"] = report.write_report(cfg, summary)
+    summary["report_uri"] = report.write_report(spec, summary)
     summary["summary_uri"] = manifest.write_summary(output, plan.run_id, summary)
     state.record_run(output, summary, started_at=started_at, finished_at=manifest.utcnow(),
                      exit_code=state.exit_code_of(summary))
@@ -159,7 +161,7 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, break_lock: bool = False) 
     holds it (an operator's decision: the job's ``--break-lock``)."""
     preflight.check(cfg)  # before the run lock writes under output.uri, and before any model loads
     if dry_run:
-        return _dry_run(prepare(cfg, dry_run=True), cfg)
+        return _dry_run(prepare(cfg, dry_run=True))
     _, output = locations(cfg)
     lock = (RunLock(output, cfg.run.lock, break_lock=break_lock) if cfg.run.lock.enabled
             else contextlib.nullcontext())
@@ -169,14 +171,14 @@ def run_job(cfg: JobConfig, *, dry_run: bool = False, break_lock: bool = False) 
                 state.recover(output)
             else:  # old enough to belong to no live writer, whoever runs beside this run
                 state.sweep_stale_temps(output)
-            return state.exit_code_of(execute(prepare(cfg), cfg))
+            return state.exit_code_of(execute(prepare(cfg)))
     except RunLocked as exc:
         log.error("%s", exc)
         return EXIT_LOCKED
 
 
-def _dry_run(plan: Plan, cfg: JobConfig) -> int:
-    cost = estimate(plan, cfg)
+def _dry_run(plan: Plan) -> int:
+    cost = estimate(plan)
     steps = cost["steps"]
     clip_tiles: dict[str, int] = {}
     for item, row in zip(cost["items"], plan.todo):

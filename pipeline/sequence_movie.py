@@ -65,7 +65,7 @@ def _frame(output: Location, key: str, max_pixels: int):
 def encode_movie(output: Location, frame_keys: list[str], path: str, spec: RunSpec) -> dict[str, Any]:
     """Encode the committed frames at ``frame_keys`` (in order) into the local file ``path``: one frame in memory at
     a time. Returns the encoder's stats."""
-    first, depth = _frame(output, frame_keys[0], spec.max_output_pixels)
+    first, depth = _frame(output, frame_keys[0], spec.limits.max_output_pixels)
     height, width = first.shape[:2]
     settings, index = movie_settings(spec.video.encoding, len(frame_keys), width, height, spec.video.sequence_fps,
                                      depth)
@@ -74,7 +74,7 @@ def encode_movie(output: Location, frame_keys: list[str], path: str, spec: RunSp
         encoder.add(first, 0)
         del first
         for number, key in enumerate(frame_keys[1:], start=1):
-            frame, _ = _frame(output, key, spec.max_output_pixels)
+            frame, _ = _frame(output, key, spec.limits.max_output_pixels)
             try:
                 encoder.add(frame, number)
             except ValueError as exc:  # another size than frame 0's

@@ -180,7 +180,7 @@ class Upscaler:
         import ray
 
         self.spec, self.frame_counter = spec, frame_counter  # a progress.FrameCounter where the run has clips
-        device = spec.device or ("cuda" if ray.get_gpu_ids() else "cpu")
+        device = spec.model.device or ("cuda" if ray.get_gpu_ids() else "cpu")
         # Prompt embeddings come with their rows, or as object refs of texts several units share (each encoded
         # once per run, outside the actors: pipeline.captions).
         self.prompt_embeds = PromptEmbeddings(prompt_embeds or {})
@@ -240,9 +240,9 @@ class Upscaler:
 
     def _image(self, row: dict[str, Any]) -> dict[str, Any]:
         data = row["data"]
-        row["seed"] = seed = derive_seed(self.spec.base_seed, hashlib.sha256(data).digest())
-        output_format = self.spec.settings["output_format"]
-        encoded = self._photo(row, data, seed, output_format, self.spec.settings.get("quality") or 95)
+        row["seed"] = seed = derive_seed(self.spec.seed, hashlib.sha256(data).digest())
+        output = self.spec.output
+        encoded = self._photo(row, data, seed, output.format, output.quality or 95)
         if encoded is not None:
             row.update(data=encoded, status="ok")
         return row
@@ -252,7 +252,7 @@ class Upscaler:
         """Decode, upscale and encode one photo or sequence frame; None after marking the row failed."""
         name = name or row["source_key"]
         try:
-            decoded = media.decode_image(data, name, self.spec.max_input_pixels)
+            decoded = media.decode_image(data, name, self.spec.limits.max_input_pixels)
         except media.MediaError as exc:
             _fail(row, exc.error_type, exc)
             return None
@@ -291,12 +291,12 @@ class Upscaler:
         if not self._check_output_size(row, index.width, index.height):
             return row
         scale = self.spec.scale
-        flicker = FlickerMeter(scale) if self.spec.measure_flicker else None
+        flicker = FlickerMeter(scale) if self.spec.video.measure_flicker else None
         frames = video.decode_segment(row.pop("data"), segment, row["source_key"])
         encoder = video.SegmentEncoder(index, self.spec.video.encoding, index.width * scale, index.height * scale,
                                        progressive=segment.deinterlace or not index.interlaced)
         done = segment.start * (2 if segment.field_rate else 1)  # output frames before the segment's
-        for chunk in _batched(frames, self.spec.frames_per_call):
+        for chunk in _batched(frames, self.spec.video.frames_per_call):
             sources = [media.to_float_pixels(frame) for frame in chunk]
             upscaled = self._upscale_checked(row, sources, self._frame_seeds(task, done, len(chunk)))
             if upscaled is None:
@@ -315,15 +315,15 @@ class Upscaler:
     def _sequence_segment(self, row: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
         # Frames are decoded one chunk at a time: a segment of large scans never sits in memory whole.
         keys, payloads = task["frames"], row.pop("frames")
-        flicker = FlickerMeter(self.spec.scale) if self.spec.measure_flicker else None
+        flicker = FlickerMeter(self.spec.scale) if self.spec.video.measure_flicker else None
         outputs, size = [], None
-        for start in range(0, len(keys), self.spec.frames_per_call):
-            chunk = list(zip(keys[start:start + self.spec.frames_per_call],
-                             payloads[start:start + self.spec.frames_per_call]))
+        for start in range(0, len(keys), self.spec.video.frames_per_call):
+            chunk = list(zip(keys[start:start + self.spec.video.frames_per_call],
+                             payloads[start:start + self.spec.video.frames_per_call]))
             decoded = []
             for key, data in chunk:
                 try:
-                    image = media.decode_image(data, key, self.spec.max_input_pixels)
+                    image = media.decode_image(data, key, self.spec.limits.max_input_pixels)
                 except media.MediaError as exc:
                     return _fail(row, exc.error_type, exc)
                 if size is None:

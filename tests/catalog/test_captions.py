@@ -17,8 +17,8 @@ from support.catalog import image_bytes, job_config, manifests, small_catalog, w
 import media
 from dit4sr import OFFICIAL_CAPTION_QUESTION, ImageCaptioner, compose_prompt
 from pipeline.config import ConfigError, fingerprint, validate_config
-from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_OK, run_job
+from pipeline.spec import RunSpec
 
 CAPTION_TOKENS = 12
 
@@ -48,7 +48,8 @@ def _expected_captions(captioner_root: pathlib.Path, files: dict[str, bytes]) ->
 
 def test_caption_settings_enter_the_fingerprint(tiny_text_model_root, tiny_caption_model_root, tmp_path):
     def settings(captioner=tiny_caption_model_root, **sections):
-        return resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root, captioner, **sections)))
+        config = validate_config(_config(tmp_path, tiny_text_model_root, captioner, **sections))
+        return RunSpec.resolve(config, "r").fingerprint_fields()
 
     plain, captioned = settings(None), settings()
     assert "caption" not in plain  # fingerprints of runs without captions are those of before captions existed
@@ -77,11 +78,11 @@ def test_settings_that_cannot_go_with_captions_are_refused(tiny_text_model_root,
                                 upscale={"prompt": "a cat"}))
     bicubic = _config(tmp_path, pathlib.Path("bicubic"), tiny_caption_model_root)
     with pytest.raises(ConfigError, match="the bicubic engine takes no prompt"):
-        resolve_settings(validate_config(bicubic))
+        RunSpec.resolve(validate_config(bicubic), "r").fingerprint_fields()
     no_text = tmp_path / "no-text"
     save_model_root(pixel_pipeline(), no_text, recommended={**TINY_TEXT_RECOMMENDED, "guidance_scale": 1.0})
     with pytest.raises(ConfigError, match="no text encoders, so it cannot encode '<caption>"):
-        resolve_settings(validate_config(_config(tmp_path, no_text, tiny_caption_model_root)))
+        RunSpec.resolve(validate_config(_config(tmp_path, no_text, tiny_caption_model_root)), "r").fingerprint_fields()
 
 
 def test_a_bad_caption_model_fails_the_job_before_any_input_with_one_line(tiny_text_model_root, tmp_path):
@@ -116,7 +117,7 @@ def test_photos_are_captioned_on_the_cluster_cached_and_recorded(ray_local, tiny
     first = manifests(tmp_path / "out").set_index("source_key")
     run_id = first.run_id.iloc[0]
     expected = _expected_captions(tiny_caption_model_root, {k: v for k, v in files.items() if k != listed})
-    added = resolve_settings(validate_config(config))["added_prompt"]
+    added = RunSpec.resolve(validate_config(config), "r").sampler.added_prompt
     assert set(first.status) == {"ok"}
     for key, caption in expected.items():
         assert first.loc[key, "caption"] == caption
@@ -215,18 +216,18 @@ def test_a_clip_resumed_after_its_first_segments_keeps_their_caption(ray_local, 
     cfg = validate_config(_config(tmp_path, tiny_text_model_root, tiny_caption_model_root,
                                   video={"segment_seconds": 0.2, "measure_flicker": False}))
     plan = prepare(cfg)
-    captions.caption_clips(plan, cfg)
+    captions.caption_clips(plan)
     segments = [row for row in plan.todo if row["unit"] == "segment"]
     # the run "stops" after one segment: its clip stays unassembled
     plan.todo = planning.Rows([pa.Table.from_pylist(segments[:1], schema=planning.TODO_SCHEMA)], 1)
-    execute(plan, cfg)
+    execute(plan)
     staged = manifests(tmp_path / "out")
     assert list(staged.unit) == ["segment"] and staged.caption.notna().all()
 
     resumed = prepare(cfg)
     assert {row["caption"] for row in resumed.todo} == {staged.caption.iloc[0]}
     assert len(resumed.todo) == len(segments) - 1 and isinstance(resumed, planning.Plan)
-    assert execute(resumed, cfg)["captions"] == {"generated": 0, "reused": 1}
+    assert execute(resumed)["captions"] == {"generated": 0, "reused": 1}
     final = manifests(tmp_path / "out")
     assert final[final.unit == "video"].caption.tolist() == [staged.caption.iloc[0]]
     assert final.caption_run_id.nunique() == 1

@@ -8,9 +8,8 @@ import pytest
 from support.catalog import image_bytes, job_config, manifests, write_catalog
 
 from pipeline.config import ConfigError, load_config, validate_config
-from pipeline.engine import COMPILE_SCHEME, compile_enabled, resolve_settings
 from pipeline.run import EXIT_OK, run_job
-from pipeline.spec import RunSpec
+from pipeline.spec import COMPILE_SCHEME, RunSpec, compile_enabled
 
 
 def _config(tmp_path, root, **sections) -> dict:
@@ -18,10 +17,10 @@ def _config(tmp_path, root, **sections) -> dict:
                       **sections)
 
 
-def _settings(tmp_path, root, compute=None, device="cpu"):
+def _spec(tmp_path, root, compute=None, device="cpu"):
     config = _config(tmp_path, root, compute=compute or {})
     config["model"]["device"] = device
-    return resolve_settings(validate_config(config))
+    return RunSpec.resolve(validate_config(config), "r")
 
 
 @pytest.mark.parametrize("compute, device, compiled", [
@@ -37,24 +36,19 @@ def test_compile_resolves_at_plan_time(tiny_text_model_root, tmp_path, compute, 
     cfg_dict["model"]["device"] = device
     cfg = validate_config(cfg_dict)
     assert compile_enabled(cfg) is compiled
-    settings = resolve_settings(cfg)
-    assert settings.get("compile") == (COMPILE_SCHEME if compiled else None)
-    assert RunSpec.resolve(cfg, settings, "run").compile is compiled
+    spec = RunSpec.resolve(cfg, "r")
+    assert spec.fingerprint_fields().get("compile") == (COMPILE_SCHEME if compiled else None)
+    assert spec.model.compile is compiled
 
 
 def test_compile_is_in_the_fingerprint_and_eager_fingerprints_are_unchanged(tiny_text_model_root, tmp_path):
-    eager = _settings(tmp_path, tiny_text_model_root)
-    compiled = _settings(tmp_path, tiny_text_model_root, {"compile": "on"})
-    assert "compile" not in eager  # runs made before compiling existed keep their fingerprints
-    cfg = validate_config(_config(tmp_path, tiny_text_model_root))
-
-    def spec(settings):
-        return RunSpec.resolve(cfg, settings, "run")
-
-    assert spec(eager).fingerprint != spec(compiled).fingerprint
+    eager = _spec(tmp_path, tiny_text_model_root)
+    compiled = _spec(tmp_path, tiny_text_model_root, {"compile": "on"})
+    assert "compile" not in eager.fingerprint_fields()  # runs made before compiling existed keep their fingerprints
+    assert eager.fingerprint != compiled.fingerprint
     # batch sizes stay out of it: they change rounding only
-    batched = _settings(tmp_path, tiny_text_model_root, {"batch_size": 7, "compile": "on"})
-    assert spec(batched).fingerprint == spec(compiled).fingerprint and "tile_batch_size" not in compiled
+    batched = _spec(tmp_path, tiny_text_model_root, {"batch_size": 7, "compile": "on"})
+    assert batched.fingerprint == compiled.fingerprint and "tile_batch_size" not in compiled.fingerprint_fields()
 
 
 def test_yaml_on_off_and_bad_values(tmp_path):

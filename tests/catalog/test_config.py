@@ -8,9 +8,8 @@ import pytest
 from support.catalog import REPO, job_config
 
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
-from pipeline.engine import resolve_settings
-from pipeline.plan import check_output_outside_input, locations
-from pipeline.spec import RunSpec, VideoSettings
+from pipeline.preflight import check_output_outside_input, locations
+from pipeline.spec import InputSpec, RunSpec, VideoSettings
 from pipeline.storage import Location, UnsafeKeyError, check_relative_key
 
 
@@ -44,7 +43,7 @@ def test_set_overrides_parse_yaml_values(tmp_path):
 
 
 def _fingerprint(**sections) -> str:
-    return fingerprint(resolve_settings(validate_config(job_config("in", "out", **sections))))
+    return fingerprint(RunSpec.resolve(validate_config(job_config("in", "out", **sections)), "r").fingerprint_fields())
 
 
 def test_fingerprint_tracks_output_settings_only():
@@ -116,19 +115,18 @@ def test_the_example_catalog_belongs_to_the_configs_own_folder(tmp_path):
 def test_output_inside_input_is_refused_unless_excluded(tmp_path):
     inside = validate_config(job_config(str(tmp_path), str(tmp_path / "upscaled")))
     with pytest.raises(ConfigError, match="inside input.uri"):
-        check_output_outside_input(inside, *locations(inside))
+        check_output_outside_input(InputSpec.of(inside.input), locations(inside)[1])
     same = validate_config(job_config(str(tmp_path), str(tmp_path)))
     with pytest.raises(ConfigError, match="inside input.uri"):
-        check_output_outside_input(same, *locations(same))
+        check_output_outside_input(InputSpec.of(same.input), locations(same)[1])
     excluded = validate_config(job_config(str(tmp_path), str(tmp_path / "upscaled"),
                                           input={"exclude": ["upscaled/**"]}))
-    check_output_outside_input(excluded, *locations(excluded))
+    check_output_outside_input(InputSpec.of(excluded.input), locations(excluded)[1])
     sibling = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "in-upscaled")))
-    check_output_outside_input(sibling, *locations(sibling))
+    check_output_outside_input(InputSpec.of(sibling.input), locations(sibling)[1])
 
 
 def test_output_keys_follow_the_format_and_collisions_are_rejected(tmp_path):
-    from pipeline.engine import resolve_settings
     from pipeline.plan import make_plan
     from pipeline.spec import RunSpec
 
@@ -136,7 +134,7 @@ def test_output_keys_follow_the_format_and_collisions_are_rejected(tmp_path):
         (tmp_path / "in" / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / key).write_bytes(b"x")
     cfg = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out")))
-    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), "r"))
+    plan = make_plan(RunSpec.resolve(cfg, "r"))
     assert {row["source_key"]: row["output_key"] for row in plan.todo} == {
         "a.jpg": "a.png", "b.JPG": "b.png", "c.heic": "c.png", "noext": "noext.png"}
     [collision] = plan.rejected  # a.png would overwrite a.jpg's output (sorted first, so a.jpg keeps it)
@@ -144,7 +142,7 @@ def test_output_keys_follow_the_format_and_collisions_are_rejected(tmp_path):
     assert "a.jpg" in collision["error_message"]
 
     same = validate_config(job_config(str(tmp_path / "in"), str(tmp_path / "out"), output={"format": "same"}))
-    plan = make_plan(same, RunSpec.resolve(same, resolve_settings(same), "r"))
+    plan = make_plan(RunSpec.resolve(same, "r"))
     assert {row["source_key"]: row["output_key"] for row in plan.todo} == {
         "a.png": "a.png", "a.jpg": "a.jpg", "b.JPG": "b.JPG", "c.heic": "c.heic", "noext": "noext"}
 
@@ -207,7 +205,7 @@ def test_video_section_is_validated_like_every_other():
 
 def test_video_settings_enter_the_fingerprint_and_reach_workers_typed():
     base = {"input": {"uri": "in"}, "output": {"uri": "out"}, "model": {"path": "bicubic"}}
-    specs = {name: RunSpec.resolve(validate_config({**base, "video": video}), {"scale": 4}, "run")
+    specs = {name: RunSpec.resolve(validate_config({**base, "video": video}), "run")
              for name, video in [("default", {}), ("deinterlace", {"deinterlace": "off"}),
                                  ("field_rate", {"deinterlace_rate": "field"}),
                                  ("options", {"encoder_options": {"tune": "grain"}}), ("codec", {"codec": "h264"}),

@@ -12,14 +12,13 @@ from support.catalog import image_bytes, job_config, write_catalog
 
 from pipeline import manifest, plan, state
 from pipeline.config import validate_config
-from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_OK, run_job
 from pipeline.spec import RunSpec
 from pipeline.storage import Location
 
 
 def decisions(cfg, **options):
-    result = plan.make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), "r"), **options)
+    result = plan.make_plan(RunSpec.resolve(cfg, "r"), **options)
     todo = sorted((row["unit_key"], row["output_key"], row["source_size"], row["config_fingerprint"])
                   for row in result.todo)
     clips = {key: (clip.segment_keys, clip.tally.staged, clip.frame_outputs) for key, clip in result.clips.items()}

@@ -13,8 +13,8 @@ from support.catalog import REPO, image_bytes, job_config, manifests, small_cata
 from support.tiny_components import TINY_TEXT_RECOMMENDED as RECOMMENDED
 
 from pipeline.config import ConfigError, fingerprint, load_config, validate_config
-from pipeline.engine import resolve_settings
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
+from pipeline.spec import RunSpec
 
 
 def _config(tmp_path: pathlib.Path, root: pathlib.Path, out: str = "out", **sections) -> dict:
@@ -22,12 +22,16 @@ def _config(tmp_path: pathlib.Path, root: pathlib.Path, out: str = "out", **sect
                       **sections)
 
 
+def _settings(config: dict) -> dict:
+    return RunSpec.resolve(validate_config(config), "r").fingerprint_fields()
+
+
 def test_null_settings_resolve_to_the_models_recommendations(tiny_text_model_root, tmp_path):
-    implicit = resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root)))
+    implicit = _settings(_config(tmp_path, tiny_text_model_root))
     assert implicit["num_inference_steps"] == 2 and implicit["tile_size"] == 8 and implicit["process_size"] == 16
-    explicit = resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root, upscale={"steps": 2})))
+    explicit = _settings(_config(tmp_path, tiny_text_model_root, upscale={"steps": 2}))
     assert fingerprint(implicit) == fingerprint(explicit)  # what ran is what counts
-    changed = resolve_settings(validate_config(_config(tmp_path, tiny_text_model_root, upscale={"steps": 3})))
+    changed = _settings(_config(tmp_path, tiny_text_model_root, upscale={"steps": 3}))
     assert fingerprint(changed) != fingerprint(implicit)
 
 
@@ -37,9 +41,9 @@ def test_a_sampler_version_bump_changes_the_fingerprint(tiny_text_model_root, tm
     import dit4sr
 
     config = validate_config(_config(tmp_path, tiny_text_model_root))
-    before = resolve_settings(config)
+    before = RunSpec.resolve(config, "r").fingerprint_fields()
     monkeypatch.setattr(dit4sr, "SAMPLER_VERSION", dit4sr.SAMPLER_VERSION + ".next")
-    after = resolve_settings(config)
+    after = RunSpec.resolve(config, "r").fingerprint_fields()
     assert fingerprint(after) != fingerprint(before)
     assert {key for key in before if before[key] != after[key]} == {"sampler_version"}
 
@@ -139,7 +143,6 @@ def test_official_arrangement_sd35_root_plus_dit4sr_root(tiny_text_model_root, t
     """The job's side of the official layout (loading it is test_pipeline_loading's): the config asks for the
     DiT4SR root, settings come from it, and the engine an actor builds from it upscales as the combined root's."""
     from pipeline.engine import load_engine
-    from pipeline.spec import RunSpec
 
     base, official = tmp_path / "sd3.5-medium", tmp_path / "dit4sr_r1"
     _official_arrangement(tiny_text_model_root, base, official)
@@ -147,14 +150,14 @@ def test_official_arrangement_sd35_root_plus_dit4sr_root(tiny_text_model_root, t
     split = _config(tmp_path, base, **sections)
     split["model"]["transformer"] = str(official)
     with pytest.raises(ConfigError, match="set model.transformer"):
-        resolve_settings(validate_config(_config(tmp_path, base, **sections)))
+        _settings(_config(tmp_path, base, **sections))
     image = np.random.default_rng(0).random((12, 10, 3), dtype=np.float32)
     upscaled = []
     for config in (split, _config(tmp_path, tiny_text_model_root, **sections)):
         cfg = validate_config(config)
-        settings = resolve_settings(cfg)
+        settings = RunSpec.resolve(cfg, "r").fingerprint_fields()
         assert settings["num_inference_steps"] == RECOMMENDED["num_inference_steps"]  # from the DiT4SR root
-        engine = load_engine(RunSpec.resolve(cfg, settings, "run"), device="cpu")
+        engine = load_engine(RunSpec.resolve(cfg, "run"), device="cpu")
         upscaled.append(engine.upscale(image, seed=3, prompt=""))
     assert upscaled[0].shape == (24, 20, 3) and np.array_equal(upscaled[0], upscaled[1])
 
@@ -164,11 +167,11 @@ def test_model_without_text_encoders_refuses_a_prompt(tmp_path):
 
     root = tmp_path / "no-text"
     save_model_root(pixel_pipeline(), root, recommended={**RECOMMENDED, "guidance_scale": 1.0})
-    resolve_settings(validate_config(_config(tmp_path, root)))  # no prompt, no guidance: fine
+    _settings(_config(tmp_path, root))  # no prompt, no guidance: fine
     with pytest.raises(ConfigError, match="no text encoders"):
-        resolve_settings(validate_config(_config(tmp_path, root, upscale={"prompt": "a cat"})))
+        _settings(_config(tmp_path, root, upscale={"prompt": "a cat"}))
     with pytest.raises(ConfigError, match="no text encoders"):
-        resolve_settings(validate_config(_config(tmp_path, root, upscale={"guidance_scale": 4.0})))
+        _settings(_config(tmp_path, root, upscale={"guidance_scale": 4.0}))
 
 
 @pytest.mark.slow

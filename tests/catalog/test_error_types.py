@@ -92,7 +92,7 @@ def test_every_error_type_fails_alone_beside_good_batch_mates(ray_local, tmp_pat
     (tmp_path / "out/bad/write_failed.jpg").mkdir(parents=True)
     (tmp_path / "out/bad/write_failed.jpg/occupied").write_bytes(b"")
     (tmp_path / "out/blocked.mp4").mkdir()
-    summary = execute(plan, cfg)
+    summary = execute(plan)
     assert (summary["ok"], summary["failed"]) == (len(good) + 1, len(EXPECTED))
 
     rows = manifests(tmp_path / "out")

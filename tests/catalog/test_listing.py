@@ -17,7 +17,6 @@ from support.catalog import image_bytes, job_config, write_catalog
 
 from pipeline import listing
 from pipeline.config import ConfigError, validate_config
-from pipeline.engine import resolve_settings
 from pipeline.plan import make_plan
 from pipeline.spec import RunSpec
 from pipeline.storage import Location
@@ -142,7 +141,7 @@ def make_bucket(s3_server: str, name: str) -> None:
 
 def plan_of(config: dict):
     cfg = validate_config(config)
-    plan = make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), "r"))
+    plan = make_plan(RunSpec.resolve(cfg, "r"))
     return ([{k: v for k, v in row.items() if k != "task"} for row in plan.todo],
             sorted(plan.skipped), [(row["source_key"], row["error_type"]) for row in plan.rejected])
 

@@ -58,7 +58,7 @@ def test_work_spreads_over_nodes_and_survives_losing_one(cluster, marker_dir, tm
     cfg = validate_config(config)
     plan = prepare(cfg)
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(summary=execute(plan, cfg)))
+    runner = threading.Thread(target=lambda: result.update(summary=execute(plan)))
     runner.start()
     by_id = {node.node_id: node for node in workers}
     deadline = time.monotonic() + 240

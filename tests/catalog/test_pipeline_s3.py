@@ -75,7 +75,7 @@ def test_s3_key_with_dotdot_and_deleted_object_fail_alone(ray_local, bucket, s3_
     plan = prepare(cfg)
     gone = sorted(files)[0]
     fs.rm(f"{bucket}/in/{gone}")  # deleted between listing and reading
-    summary = execute(plan, cfg)
+    summary = execute(plan)
     assert (summary["ok"], summary["failed"]) == (len(files) - 1, 2)
 
     rows = s3_manifests(fs, bucket).set_index("source_key")

@@ -136,7 +136,7 @@ def test_movie_settings_enter_the_sequence_fingerprint_only():
     base = {"input": {"uri": "in"}, "output": {"uri": "out"}}
 
     def fingerprints(**video) -> tuple[str, str, str]:
-        spec = RunSpec.resolve(validate_config({**base, "video": video}), {"scale": 2}, "run")
+        spec = RunSpec.resolve(validate_config({**base, "video": video}), "run")
         return tuple(spec.unit_fingerprint(unit, "image") for unit in ("sequence", "sequence_frames", "video"))
 
     plain = fingerprints()
@@ -155,19 +155,19 @@ def test_movie_settings_enter_the_sequence_fingerprint_only():
 
 def test_movie_keys_come_from_the_sequence_key_and_collisions_are_rejected(tmp_path):
     spec = RunSpec.resolve(validate_config({"input": {"uri": "in"}, "output": {"uri": "out"},
-                                            "video": {"sequence_fps": 25}}), {"scale": 2}, "run")
+                                            "video": {"sequence_fps": 25}}), "run")
     assert [sequence_movie.movie_key(key, spec.video) for key in
             ("reels/coffee/frame_%04d.png", "reels/coffee/%06d.dpx", "%04d.png", "plate.%04d.exr")] == \
         ["reels/coffee/frame.mp4", "reels/coffee/coffee.mp4", "sequence.mp4", "plate.mp4"]
     prores = RunSpec.resolve(validate_config({"input": {"uri": "in"}, "output": {"uri": "out"},
-                                              "video": {"sequence_fps": 25, "codec": "prores"}}), {}, "run")
+                                              "video": {"sequence_fps": 25, "codec": "prores"}}), "run")
     assert sequence_movie.movie_key("r/f_%04d.png", prores.video) == "r/f.mov"
 
     # Two sequences whose movies would share a key: the second fails at planning, its frames untouched.
     write_catalog(tmp_path / "in", {**{f"reel/f_{i}.png": image_bytes(8, 6, seed=i) for i in range(1, 4)},
                                     **{f"reel/f_{i}.jpg": image_bytes(8, 6, "JPEG", seed=i) for i in range(1, 4)}})
     cfg = validate_config(config(tmp_path, sequence_fps=25))
-    plan = make_plan(cfg, RunSpec.resolve(cfg, {"scale": SCALE}, "run"))
+    plan = make_plan(RunSpec.resolve(cfg, "run"))
     assert [clip.movie_key for clip in plan.clips.values()] == ["reel/f.mp4"]
     (rejected,) = plan.rejected
     assert rejected["error_type"] == "output_collision" and "reel/f.mp4" in rejected["error_message"]
@@ -180,7 +180,7 @@ def test_a_movie_that_cannot_be_made_fails_its_sequence(tmp_path, monkeypatch):
     write_catalog(out, {f"reel/f_{i}.png": image_bytes(16, 12, seed=i) for i in range(1, 5)})
     (out / "reel/f_3.png").write_bytes(b"not a png")
     cfg = validate_config(config(tmp_path, sequence_fps=24))
-    spec = RunSpec.resolve(cfg, {"scale": SCALE}, "run")
+    spec = RunSpec.resolve(cfg, "run")
     output = Location(str(out), {})
     row = {"source_key": "reel/f_%d.png", "status": "ok", "started_at": utcnow()}
     keys = [f"reel/f_{i}.png" for i in range(1, 5)]

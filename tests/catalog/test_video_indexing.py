@@ -16,14 +16,13 @@ from media import video
 from media.video import mezzanine
 from pipeline import video_index
 from pipeline.config import validate_config
-from pipeline.engine import resolve_settings
 from pipeline.plan import STAGING_DIR, make_plan
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
 from pipeline.spec import RunSpec
 
 
 def plan_of(cfg, **options):
-    return make_plan(cfg, RunSpec.resolve(cfg, resolve_settings(cfg), "r"), **options)
+    return make_plan(RunSpec.resolve(cfg, "r"), **options)
 
 
 def config(tmp_path: pathlib.Path, output: str = "out", **sections):
