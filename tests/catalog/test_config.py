@@ -7,7 +7,7 @@ import re
 import pytest
 from support.catalog import REPO, job_config
 
-from pipeline.config import ConfigError, fingerprint, load_config, validate_config
+from pipeline.config import ConfigError, load_config, validate_config
 from pipeline.preflight import check_output_outside_input, locations
 from pipeline.spec import InputSpec, RunSpec, VideoSettings
 from pipeline.storage import Location, UnsafeKeyError, check_relative_key
@@ -43,7 +43,7 @@ def test_set_overrides_parse_yaml_values(tmp_path):
 
 
 def _fingerprint(**sections) -> str:
-    return fingerprint(RunSpec.resolve(validate_config(job_config("in", "out", **sections)), "r").fingerprint_fields())
+    return RunSpec.resolve(validate_config(job_config("in", "out", **sections)), "r").fingerprint
 
 
 def test_fingerprint_tracks_output_settings_only():
