@@ -10,7 +10,7 @@ A layer of its own, below both users: the catalog (``pipeline``) and the model l
 
 ``kind_of`` decides a listed key's kind from its extension, so planning never opens a file to route it: every
 extension that is not a video container's (``.dpx`` and ``.exr`` included) is an image, and numbered images in
-``video.sequence_folders`` are frame sequences (``pipeline.plan.group_inputs``).
+``video.sequence_folders`` are frame sequences (``pipeline.planner.group_inputs``).
 """
 
 from __future__ import annotations

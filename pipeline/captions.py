@@ -39,7 +39,8 @@ from media import video
 
 from . import listing, manifest
 from .engine import NEGATIVE
-from .plan import CAPTION_FIELDS, Plan
+from .plan import Plan
+from .planner import CAPTION_FIELDS
 from .spec import RunSpec, Stage
 from .storage import Location
 from .upscaler import EMBEDDING_COLUMN, RECENT_TEXTS, _fail, _read_unit, _table, _task

@@ -23,7 +23,8 @@ import ray
 from media import video
 
 from . import manifest, sequence_movie
-from .plan import Clip, Plan, SegmentTally
+from .plan import Plan
+from .planner import Clip, SegmentTally
 from .storage import Location
 
 

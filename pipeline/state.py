@@ -61,7 +61,7 @@ RUNS_SCHEMA = pa.schema([
     ("summary_uri", pa.string()),
 ])
 
-# What planning needs of a unit's latest row (plan.py: done_before, and finishing clips from staged segments).
+# What planning needs of a unit's latest row (planner.py: done_before, and finishing clips from staged segments).
 PLAN_COLUMNS = ["source_key", "unit_key", "source_size", "source_etag_or_mtime", "output_key", "output_size",
                 "output_etag_or_mtime", "config_fingerprint", "finished_at", "status", "width", "height",
                 "out_width", "out_height", "frames_out", "flicker", "flicker_pairs", "reference_motion",

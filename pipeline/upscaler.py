@@ -30,7 +30,7 @@ from media import video
 from . import manifest
 from .engine import Engine, bicubic, load_engine, output_size_error, upscale_frames
 from .metrics import publish_gpu_memory_peak
-from .plan import derive_seed
+from .planner import derive_seed
 from .spec import RunSpec
 from .storage import Location, UnsafeKeyError
 

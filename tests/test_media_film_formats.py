@@ -18,7 +18,7 @@ from support.catalog import job_config, manifests, write_catalog
 
 import media
 from media import MediaError, decode_image, encode_image, to_float_pixels
-from pipeline.plan import group_inputs
+from pipeline.planner import group_inputs
 from pipeline.storage import Entry
 
 LIMIT = 10_000_000

@@ -16,7 +16,8 @@ from media import video
 from media.video import mezzanine
 from pipeline import video_index
 from pipeline.config import validate_config
-from pipeline.plan import STAGING_DIR, make_plan
+from pipeline.plan import make_plan
+from pipeline.planner import STAGING_DIR
 from pipeline.run import EXIT_INPUTS_FAILED, EXIT_OK, run_job
 from pipeline.spec import RunSpec
 
