@@ -174,13 +174,13 @@ def build(root: Path, inputs: int, runs: int, churn_share: float) -> None:
 
 # -- measuring ---------------------------------------------------------------------------------------------------
 def _memory(pid: int) -> dict[str, int]:
-    """VmRSS, RssAnon, RssShmem of a process in bytes (Linux /proc), zeros once it is gone."""
+    """VmRSS, RssAnon, RssFile, RssShmem of a process in bytes (Linux /proc), zeros once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as handle:
-            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "RssAnon", "RssShmem")))
+            fields = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS", "Rss")))
         return {name: int(value.split()[0]) * 1024 for name, value in fields.items()}
     except (OSError, ValueError):  # gone meanwhile
-        return {"VmRSS": 0, "RssAnon": 0, "RssShmem": 0}
+        return {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -204,10 +204,11 @@ def _descendants(pid: int) -> list[int]:
 
 
 class RssSampler:
-    """Peak RSS of this process and peak memory of the whole Ray session (this process and its children), sampled."""
+    """Peak RSS of this process (all of it, and its own pages without the object store's that it maps when it reads
+    an object) and peak memory of the whole Ray session (this process and its children), sampled."""
 
     def __init__(self, interval: float = 0.2):
-        self.interval, self.driver, self.session = interval, 0, 0
+        self.interval, self.driver, self.driver_own, self.session = interval, 0, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -215,10 +216,12 @@ class RssSampler:
         """The driver's RSS now. The session's memory: every process's own (anonymous) pages, plus the object
         store's shared pages once (each process that reads an object maps them: summing RSS would count them
         once per reader)."""
-        driver = _memory(os.getpid()).get("VmRSS", 0)
-        others = [_memory(pid) for pid in [os.getpid(), *_descendants(os.getpid())]]
+        mine = _memory(os.getpid())
+        driver = mine.get("VmRSS", 0)
+        others = [mine] + [_memory(pid) for pid in _descendants(os.getpid())]
         total = sum(m.get("RssAnon", 0) for m in others) + max(m.get("RssShmem", 0) for m in others)
         self.driver, self.session = max(self.driver, driver), max(self.session, total)
+        self.driver_own = max(self.driver_own, mine.get("RssAnon", 0) + mine.get("RssFile", 0))
         return driver
 
     def _loop(self) -> None:
@@ -300,6 +303,7 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
         assert len(result.skipped) == args.inputs and not result.todo and not result.rejected, \
             (len(result.skipped), len(result.todo), len(result.rejected))
         del result
+        planning_peaks = rss.driver, rss.driver_own
         warm_s = None
         if args.warm:
             result, warm_s = timed("plan again, warm workers", plan.make_plan, spec)
@@ -325,8 +329,10 @@ def plan_catalog(args: argparse.Namespace, root: Path) -> None:
     warm = f" ({warm_s:.1f} s with warm workers)" if warm_s is not None else ""
     fold = f"; fold {fold_s:.1f} s" if fold_s is not None else ""
     print(f"planning {args.inputs:,} inputs from {source} with {args.runs} runs of history: {plan_s:.1f} s{warm}"
-          f"{fold}; peak memory: driver RSS {rss.driver / GIB:.2f} GiB (sampled), Ray session (every process's "
-          f"own pages + the object store's once) {rss.session / GIB:.2f} GiB")
+          f"{fold}; peak memory: driver RSS {rss.driver / GIB:.2f} GiB (sampled; planning alone "
+          f"{planning_peaks[0] / GIB:.2f}), its own pages without the object store's it maps "
+          f"{rss.driver_own / GIB:.2f} GiB (planning alone {planning_peaks[1] / GIB:.2f}), Ray session (every "
+          f"process's own pages + the object store's once) {rss.session / GIB:.2f} GiB")
     print(f"plan_seconds={plan_s:.1f}")
     print(f"driver_peak_rss_gib={driver_peak_gib():.2f}")
 

@@ -228,7 +228,7 @@ def fold(output: Location, *, in_tasks: bool | None = None) -> list[str]:
 
     A run without its committed file (still running, or killed and not recovered) stays out: planning reads its
     parts directly until it is committed. The state and the runs' rows are split by unit into buckets merged in Ray
-    tasks (where Ray is up); the driver streams the merged buckets into the new file one at a time."""
+    tasks (where Ray is up), and streamed into the new file one at a time by one more task: the driver only waits."""
     folded, _ = _state_layout(output)
     runs = [files for files in _runs_to_read(output, folded) if files.committed]
     if not runs:
@@ -242,9 +242,20 @@ def fold(output: Location, *, in_tasks: bool | None = None) -> list[str]:
     else:
         parts = [runner.submit(_split_units, block, buckets, num_returns=buckets) for block in blocks]
         merged = [runner.submit(_latest_of, *[split[number] for split in parts]) for number in range(buckets)]
+        del parts
     del blocks
     ids = sorted(folded | {files.run_id for files in runs})
-    schema = manifest.SCHEMA.with_metadata({_FOLDED: json.dumps(ids).encode()})
+    writing = runner.submit(_write_state, output, ids, merged, runner.in_tasks)
+    del merged  # the writing task holds the buckets now, and lets each go once written
+    runner.get(writing)
+    return [files.run_id for files in runs]
+
+
+def _write_state(output: Location, folded: list[str], merged: list[Any], in_tasks: bool) -> None:
+    """Task: stream the merged buckets, one at a time, into the new state file and commit it atomically — here,
+    not on the driver, whose memory would otherwise map every bucket's object-store pages it read."""
+    runner = listing.Runner(in_tasks)
+    schema = manifest.SCHEMA.with_metadata({_FOLDED: json.dumps(folded).encode()})
     temp = output.temp_path(STATE_KEY)
     try:
         with pq.ParquetWriter(temp, schema) as writer:
@@ -255,7 +266,6 @@ def fold(output: Location, *, in_tasks: bool | None = None) -> list[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(temp)
-    return [files.run_id for files in runs]
 
 
 def ray_is_up() -> bool:
