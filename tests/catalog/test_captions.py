@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
-from support.catalog import image_bytes, job_config, manifests, small_catalog, write_catalog
+from support.catalog import image_bytes, job_config, manifests, outputs, small_catalog, write_catalog
 
 import media
 from dit4sr import OFFICIAL_CAPTION_QUESTION, ImageCaptioner, compose_prompt
@@ -98,27 +98,40 @@ def test_a_bad_caption_model_fails_the_job_before_any_input_with_one_line(tiny_t
         assert manifests(tmp_path / "out").empty and not list((tmp_path / "out").glob("**/*.png"))
 
 
-@pytest.mark.slow  # several actor pools start twice: minutes on the shared 2-core machine
-def test_photos_are_captioned_on_the_cluster_cached_and_recorded(ray_local, tiny_text_model_root,
-                                                                   tiny_caption_model_root, tmp_path, capsys):
-    """The smoke test of captions: three photos captioned in the stream (the fourth takes its prompt from the
-    prompts file, uncaptioned), the prompt recorded exactly, shown in the report and queryable in DuckDB; a re-run
-    with another seed redoes every output and captions nothing (the captions come from the unit state)."""
+@pytest.mark.slow  # three jobs of three actor pools each: minutes on the shared 2-core machine
+def test_photos_and_clips_are_captioned_on_the_cluster_repeated_on_other_actors_cached_and_recorded(
+        ray_local, tiny_text_model_root, tiny_caption_model_root, tmp_path, capsys):
+    """The captions stage end to end, in three jobs. (1) Three photos captioned in the stream (a fourth takes its
+    prompt from the prompts file, uncaptioned), a video and a frame sequence of several segments each with one
+    caption per clip, from the middle frame of its first segment, on the clip's row and every segment's; each
+    prompt recorded exactly, shown in the report and queryable in DuckDB. (2) The same job on more caption actors
+    with other batches gives the same captions and bytes. (3) A re-run of (1) with another seed redoes every
+    output and captions nothing (the captions come from the unit state)."""
     import duckdb
+    from support import video_clips
 
-    files = small_catalog(4)
-    write_catalog(tmp_path / "in", files)
-    listed = sorted(files)[0]
+    from media import video
+
+    photos = small_catalog(4)
+    listed = sorted(photos)[0]
+    reel = {f"reel/frame_{n:04d}.png": image_bytes(12, 8, seed=10 + n) for n in range(1, 7)}
+    write_catalog(tmp_path / "in", {**photos, **reel})
+    clip = tmp_path / "in" / "clip.mp4"
+    video_clips.write_clip(clip, frames=12, size=(24, 16))
     prompts = tmp_path / "prompts.csv"
     prompts.write_text(f'source,prompt\n"{listed}",a red cat photo\n')
-    config = _config(tmp_path, tiny_text_model_root, tiny_caption_model_root,
-                     upscale={"prompts_uri": str(prompts)})
+    # segments of 5 frames (0.2 s at 24 frames/s): the video's three, the sequence's 5 + 1 frames
+    sections = {"upscale": {"prompts_uri": str(prompts)},
+                "video": {"segment_seconds": 0.2, "measure_flicker": False, "sequence_folders": ["reel"]}}
+    config = _config(tmp_path, tiny_text_model_root, tiny_caption_model_root, **sections)
     assert run_job(validate_config(config)) == EXIT_OK
-    first = manifests(tmp_path / "out").set_index("source_key")
-    run_id = first.run_id.iloc[0]
-    expected = _expected_captions(tiny_caption_model_root, {k: v for k, v in files.items() if k != listed})
+    rows = manifests(tmp_path / "out")
+    run_id = rows.run_id.iloc[0]
+    assert set(rows[rows.unit != "segment"].status) == {"ok"} and set(rows[rows.unit == "segment"].status) == {"staged"}
     added = RunSpec.resolve(validate_config(config), "r").sampler.added_prompt
-    assert set(first.status) == {"ok"}
+
+    first = rows[rows.unit == "image"].set_index("source_key")
+    expected = _expected_captions(tiny_caption_model_root, {k: v for k, v in photos.items() if k != listed})
     for key, caption in expected.items():
         assert first.loc[key, "caption"] == caption
         assert first.loc[key, "prompt"] == compose_prompt(caption, added)  # the exact text encoded
@@ -127,57 +140,15 @@ def test_photos_are_captioned_on_the_cluster_cached_and_recorded(ray_local, tiny
     assert len(set(expected.values())) == 3  # each photo its own prompt
     assert first.loc[listed, "prompt"] == compose_prompt("a red cat photo", added)
     assert first.loc[listed, ["caption", "caption_model", "caption_run_id"]].isna().all()
-    assert _summary(tmp_path / "out", run_id)["captions"] == {"generated": 3, "reused": 0}
-    report = (tmp_path / "out" / "_manifests" / f"run={run_id}" / "_report.html").read_text()
-    assert all(html.escape(prompt) in report for prompt in first.prompt)
-    queried = duckdb.sql(f"select source_key, prompt from read_parquet('{tmp_path / 'out'}/_manifests/*/*.parquet') "
-                         "where caption is not null order by source_key").fetchall()
-    assert queried == sorted((key, compose_prompt(caption, added)) for key, caption in expected.items())
 
-    assert "  captions: 3 generated, 0 reused from earlier runs" in capsys.readouterr().out
-    config["upscale"]["seed"] = 2  # changes every output, not a caption
-    assert run_job(validate_config(config), dry_run=True) == EXIT_OK
-    printed = capsys.readouterr().out
-    assert "dry run: 4 to process, 0 to skip, 0 rejected;" in printed and "; 0 captions to generate" in printed
-    assert run_job(validate_config(config)) == EXIT_OK
-    second = manifests(tmp_path / "out")
-    second = second[second.run_id != run_id].set_index("source_key")
-    assert set(second.status) == {"ok"} and len(second) == len(files)
-    assert (second.caption_run_id[list(expected)] == run_id).all()  # made by the first run, not redone
-    assert second.prompt.to_dict() == first.prompt.to_dict()
-    assert _summary(tmp_path / "out", second.run_id.iloc[0])["captions"] == {"generated": 0, "reused": 3}
-    assert "  captions: 0 generated, 3 reused from earlier runs" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, tiny_text_model_root,
-                                                                     tiny_caption_model_root, tmp_path):
-    """A video and a frame sequence of several segments each: one caption per clip, from the middle frame of its
-    first segment, on the clip's row and every segment's; the same job on more caption actors with other batches
-    gives the same captions and bytes."""
-    from support import video_clips
-
-    from media import video
-
-    photos = {"a.png": image_bytes(10, 8, seed=1), "b.png": image_bytes(9, 7, seed=2)}
-    reel = {f"reel/frame_{n:04d}.png": image_bytes(12, 8, seed=10 + n) for n in range(1, 7)}
-    write_catalog(tmp_path / "in", {**photos, **reel})
-    clip = tmp_path / "in" / "clip.mp4"
-    video_clips.write_clip(clip, frames=12, size=(24, 16))
-    # segments of 5 frames (0.2 s at 24 frames/s): the video's three, the sequence's 5 + 1 frames
-    sections = {"video": {"segment_seconds": 0.2, "measure_flicker": False, "sequence_folders": ["reel"]}}
-    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, tiny_caption_model_root,
-                                           **sections))) == EXIT_OK
-    rows = manifests(tmp_path / "out")
     clip_rows = rows[rows.source_key == "clip.mp4"]
     assert (clip_rows.unit == "video").sum() == 1 and (clip_rows.unit == "segment").sum() >= 2
     assert clip_rows.caption.nunique() == 1 and clip_rows.prompt.nunique() == 1
-
     with open(clip, "rb") as handle:
         index = video.index_video(handle, "clip.mp4")
-        first = video.plan_segments(index, round(0.2 * float(index.average_rate)))[0]
-        packets = video.extract_segment(handle, first, "clip.mp4")
-    middle = list(video.decode_segment(packets, first, "clip.mp4"))[first.output_frames // 2]
+        segment = video.plan_segments(index, round(0.2 * float(index.average_rate)))[0]
+        packets = video.extract_segment(handle, segment, "clip.mp4")
+    middle = list(video.decode_segment(packets, segment, "clip.mp4"))[segment.output_frames // 2]
     frame = np.clip(media.to_float_pixels(middle) * 255 + 0.5, 0, 255).astype(np.uint8)  # as the job's PNG of it
     captioner = ImageCaptioner.from_pretrained(str(tiny_caption_model_root), max_new_tokens=CAPTION_TOKENS)
     assert clip_rows.caption.iloc[0] == captioner.caption(frame.astype(np.float32) / 255)
@@ -185,8 +156,15 @@ def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, t
     assert sorted(sequence_rows.unit) == ["segment", "segment", "sequence"]
     assert set(sequence_rows.caption) == set(_expected_captions(  # frames 1-5 first: their middle one
         tiny_caption_model_root, {"reel/frame_0003.png": reel["reel/frame_0003.png"]}).values())
-    summary = _summary(tmp_path / "out", rows.run_id.iloc[0])
-    assert summary["captions"] == {"generated": 4, "reused": 0}  # two photos, one video, one sequence
+    # three photos, one video, one sequence
+    assert _summary(tmp_path / "out", run_id)["captions"] == {"generated": 5, "reused": 0}
+    assert "  captions: 5 generated, 0 reused from earlier runs" in capsys.readouterr().out
+
+    report = (tmp_path / "out" / "_manifests" / f"run={run_id}" / "_report.html").read_text()
+    assert all(html.escape(prompt) in report for prompt in rows.prompt)
+    queried = duckdb.sql(f"select source_key, prompt from read_parquet('{tmp_path / 'out'}/_manifests/*/*.parquet') "
+                         "where caption is not null and unit = 'image' order by source_key").fetchall()
+    assert queried == sorted((key, compose_prompt(caption, added)) for key, caption in expected.items())
 
     more = {**sections, "compute": {"batch_size": 1, "actors": {"min": 2, "max": 2}, "cpus_per_actor": 0.5,
                                     "caption": {"cpus_per_actor": 0.5, "batch_size": 1,
@@ -194,10 +172,26 @@ def test_a_clip_has_one_caption_and_captions_repeat_on_other_actors(ray_local, t
     assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, tiny_caption_model_root, out="again",
                                            **more))) == EXIT_OK
     again = manifests(tmp_path / "again")
-    by_unit = rows.set_index("unit_key").caption
-    assert again.set_index("unit_key").caption.to_dict() == by_unit.to_dict()
-    for key in ("a.png", "b.png", "clip.mp4", *reel):
-        assert (tmp_path / "out" / key).read_bytes() == (tmp_path / "again" / key).read_bytes(), key
+    assert again.set_index("unit_key").caption.to_dict() == rows.set_index("unit_key").caption.to_dict()
+    written = outputs(tmp_path / "out")
+    assert len(written) == len(photos) + 1 + len(reel) and "clip.mp4" in written and "reel/frame_0006.png" in written
+    assert outputs(tmp_path / "again") == written
+
+    capsys.readouterr()
+    config["upscale"]["seed"] = 2  # changes every output, not a caption
+    assert run_job(validate_config(config), dry_run=True) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "dry run: 6 to process, 0 to skip, 0 rejected;" in printed
+    assert printed.rstrip().endswith("; 2 clips in 5 segments to do; 0 captions to generate")
+    assert run_job(validate_config(config)) == EXIT_OK
+    second = manifests(tmp_path / "out")
+    second = second[second.run_id != run_id]
+    assert sorted(second.status) == sorted(rows.status)
+    assert (second.caption_run_id.dropna() == run_id).all()  # made by the first run, not redone
+    assert second.caption_run_id.notna().sum() == rows.caption_run_id.notna().sum()
+    assert second.set_index("unit_key").prompt.to_dict() == rows.set_index("unit_key").prompt.to_dict()
+    assert _summary(tmp_path / "out", second.run_id.iloc[0])["captions"] == {"generated": 0, "reused": 5}
+    assert "  captions: 0 generated, 5 reused from earlier runs" in capsys.readouterr().out
 
 
 @pytest.mark.slow
