@@ -98,12 +98,7 @@ def test_dit4sr_engine_end_to_end_with_per_source_prompts(ray_local, tiny_text_m
     # the per-source prompt has its own fingerprint; the others share the config's
     by_key = rows.set_index("source_key").config_fingerprint
     assert by_key[first] != by_key.drop(first).iloc[0] and by_key.drop(first).nunique() == 1
-
-    # the same inputs in other batches on another actor pool give the same bytes
-    other = {**sections, "compute": {"batch_size": 3, "actors": {"min": 2, "max": 2}}}
-    assert run_job(validate_config(_config(tmp_path, tiny_text_model_root, out="again", **other))) == EXIT_OK
-    for key in rows.output_key:
-        assert (tmp_path / "out" / key).read_bytes() == (tmp_path / "again" / key).read_bytes(), key
+    # (that this model's bytes do not depend on batches or actors, with prompts per source: test_captions)
 
 
 def _official_arrangement(combined: pathlib.Path, base: pathlib.Path, dit4sr_root: pathlib.Path) -> None:

@@ -14,7 +14,6 @@ from support.catalog import (
     manifests,
     outputs,
     run_index,
-    session_ray_address,
     small_catalog,
     write_catalog,
 )
@@ -52,14 +51,12 @@ KILLED = -signal.SIGKILL
 
 @pytest.fixture(scope="module")
 def bundled_reference(ray_session, tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
-    """A catalog of tiny photos and an uninterrupted run's outputs (a job process like the rest, joining the
-    session's Ray: only the killed runs need a Ray of their own)."""
+    """A catalog of tiny photos and an uninterrupted run's outputs (run in this process on the session's Ray: only
+    the killed runs need a process and a Ray of their own)."""
     root = tmp_path_factory.mktemp("bundled")
     files = small_catalog(6)
     write_catalog(root / "in", files)
-    job = Job(job_config(str(root / "in"), str(root / "reference"), **BUNDLED), root / "reference.yaml",
-              env={"RAY_ADDRESS": session_ray_address()})
-    assert job.finish() == EXIT_OK, job.log
+    assert run_job(validate_config(job_config(str(root / "in"), str(root / "reference"), **BUNDLED))) == EXIT_OK
     return root / "in", outputs(root / "reference")
 
 
@@ -96,8 +93,7 @@ def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(ray_
     assert len(written) > len(recorded)  # outputs whose manifest part was never committed: the window was hit
     assert user_duplicates(output) == [] and user_ok_rows(output) == []  # the run was not committed: none shown
 
-    resumed = Job(config, tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
-    assert resumed.finish() == EXIT_OK, resumed.log
+    assert run_job(validate_config(config)) == EXIT_OK  # the re-run, in this process on the session's Ray
     assert outputs(output) == reference  # byte-identical to the uninterrupted run, nothing partial
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
     runs = run_index(output)
@@ -119,8 +115,7 @@ def test_kill_inside_compaction_never_shows_a_row_twice(ray_local, bundled_refer
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
     assert len(list(output.glob("_manifests/run=*/parts/part-*.parquet"))) >= 2  # killed with parts half deleted
 
-    resumed = Job(config, tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
-    assert resumed.finish() == EXIT_OK, resumed.log
+    assert run_job(validate_config(config)) == EXIT_OK  # the re-run, in this process on the session's Ray
     assert outputs(output) == reference
     assert user_duplicates(output) == [] and user_ok_rows(output) == inputs_of(source)
     assert not list(output.glob("_manifests/run=*/parts"))  # the interrupted commit was finished
