@@ -362,7 +362,9 @@ def process_catalog(args: argparse.Namespace, root: Path) -> None:
     cfg = validate_config({"input": {"uri": str(source), "exclude": ["ready"]},
                            "output": {"uri": str(root / "process-out"), "format": "png"},
                            "model": {"path": "bicubic"}, "upscale": {"scale": 2},
-                           "compute": {"actors": {"min": 2, "max": 2}, "batch_size": args.batch_size,
+                           # as the embedded default: one actor, the other CPUs for the read and write tasks (actors
+                           # holding every CPU would leave none for the stream's first task: the run would wait forever)
+                           "compute": {"actors": {"min": 1, "max": 1}, "batch_size": args.batch_size,
                                        "cpus_per_actor": 1},
                            "run": {"progress_interval_s": 60, "lock": {"enabled": False}}})
     start_ray(args.cpus)

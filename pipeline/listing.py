@@ -96,9 +96,12 @@ class Runner:
 
         return ray.put(value)
 
+    def row_counts(self, blocks: list[Block]) -> list[int]:
+        """Each block's rows, counted where it is."""
+        return self.get([self.submit(_rows_in, block, num_cpus=0) for block in blocks])
+
     def rows(self, blocks: list[Block]) -> int:
-        """The blocks' rows, counted where they are."""
-        return sum(self.get([self.submit(_rows_in, block) for block in blocks]))
+        return sum(self.row_counts(blocks))
 
 
 def _entry_table(entries: list[tuple[str, int, str]]) -> pa.Table:

@@ -58,6 +58,31 @@ class Rows:
     def __getitem__(self, index: int) -> Any:
         return list(self)[index]
 
+    def cut(self, rows_per_block: int) -> list[Any]:
+        """Refs to the rows in blocks of ``rows_per_block`` (raised so that a run never streams more than
+        ``MAX_STREAM_BLOCKS``), cut by tasks that hold no CPU. Ray Data's own repartition task holds a CPU while
+        its output waits to be read, which on a small machine starves the read stage: the run stalls for good."""
+        runner = listing.Runner(True)
+        blocks = [block if listing.is_block_ref(block) else runner.put(block) for block in self.blocks]
+        counts = runner.row_counts(blocks)
+        rows_per_block = max(rows_per_block, -(-sum(counts) // MAX_STREAM_BLOCKS))
+        cut = []
+        for block, count in zip(blocks, counts):
+            parts = -(-count // rows_per_block)
+            if parts:
+                refs = runner.submit(_slices, block, rows_per_block, num_returns=parts, num_cpus=0)
+                cut += refs if parts > 1 else [refs]
+        return cut
+
+
+MAX_STREAM_BLOCKS = 20_000  # refs the driver holds for the stream's input (a ref costs it about a kilobyte)
+
+
+def _slices(table: pa.Table, rows: int) -> pa.Table | tuple[pa.Table, ...]:
+    """Task: ``table`` in consecutive slices of ``rows`` rows (one table when it fits in one)."""
+    parts = tuple(table.slice(start, rows) for start in range(0, table.num_rows, rows))
+    return parts if len(parts) > 1 else parts[0]
+
 
 @dataclass
 class Plan:

@@ -47,11 +47,9 @@ def build_dataset(plan: Plan, prompt_embeds: dict[str, Any], frame_counter: Any 
     spec = plan.spec
     source, output, stage = spec.input.location, spec.output.location, spec.upscaling
     batch_size = stage.batch_size
-    # The planning tasks' blocks, never the driver's rows: split into a batch per block as they stream, so the
-    # read stage spreads over many tasks.
-    pending = ray.data.from_arrow_refs([block if listing.is_block_ref(block) else ray.put(block)
-                                        for block in plan.todo.blocks]
-                                       ).repartition(target_num_rows_per_block=batch_size)
+    # The planning tasks' blocks, never the driver's rows, cut into a batch per block so that the read stage spreads
+    # over many tasks.
+    pending = ray.data.from_arrow_refs(plan.todo.cut(batch_size))
     fetched = pending.map_batches(
         read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
         batch_size=batch_size,
