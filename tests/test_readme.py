@@ -108,6 +108,11 @@ def _walk_through(attempt: pathlib.Path) -> tuple[subprocess.CompletedProcess, p
 
 @pytest.mark.slow
 def test_the_readme_walk_through_runs_as_written(tmp_path):
+    import ray
+
+    # The session's local Ray (the catalog tests' ray_local, which restarts it when next needed) holds the dashboard
+    # agent's default port 52365; a README head started beside it gets no job agent ("No available agent").
+    ray.shutdown()
     for attempt in range(3):
         result, root, home = _walk_through(tmp_path / f"attempt-{attempt}")
         # Ray's job server waits only 10 s (a constant) for the head's job agent; on a loaded machine `ray job
