@@ -19,6 +19,7 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Union
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -61,6 +62,26 @@ def count(blocks: list[Block]) -> int:
 
 def _rows_in(block: pa.Table) -> int:
     return block.num_rows
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """A block's rows sorted by bucket, as one object: the tasks that merge bucket ``n`` of many blocks each take
+    ``part(n)`` of every one (a zero-copy slice of the object store's copy). One object per block, not one per
+    block and bucket: Ray keeps a task's results under 100 KiB in the memory of their owner, the driver, so
+    thousands of small parts would pile up there."""
+
+    table: pa.Table
+    bounds: np.ndarray  # part n is rows bounds[n]:bounds[n + 1]; rows of a negative bucket id come first, in none
+
+    @classmethod
+    def split(cls, table: pa.Table, ids: np.ndarray, buckets: int) -> "Buckets":
+        order = np.argsort(ids, kind="stable")
+        return cls(table.take(order), np.searchsorted(ids[order], np.arange(buckets + 1)))
+
+    def part(self, number: int) -> pa.Table:
+        start, stop = int(self.bounds[number]), int(self.bounds[number + 1])
+        return self.table.slice(start, stop - start)
 
 
 @functools.cache

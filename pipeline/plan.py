@@ -164,10 +164,11 @@ def bucket_keys(keys: pa.ChunkedArray, in_sequence_folder: Callable[[str], bool]
     return pc.if_else(in_sequence, pc.binary_join_element_wise(folders, "/", ""), stems)
 
 
-def split_block(table: pa.Table, kind: str, buckets: int, sequence_folders: list[str]) -> tuple[pa.Table, ...]:
-    """Task: one block's rows by bucket, and last the rows that go to the driver (videos, their rows, staged
-    segments). ``kind``: inputs and outputs (entries), or state (unit rows). Video outputs go both ways: a frame
-    sequence's movie is one too."""
+def split_block(table: pa.Table, kind: str, buckets: int, sequence_folders: list[str]
+                ) -> tuple[listing.Buckets, pa.Table]:
+    """Task: one block's rows by bucket, and the rows that go to the driver (videos, their rows, staged segments).
+    ``kind``: inputs and outputs (entries), or state (unit rows). Video outputs go both ways: a frame sequence's
+    movie is one too."""
     keys = table["source_key" if kind == "state" else "relative"]
     staged = pc.starts_with(keys, STAGING_DIR + "/").to_numpy() if kind == "outputs" else np.zeros(len(keys), bool)
     to_driver = staged | pc.match_substring_regex(keys, _video_pattern(), ignore_case=True).to_numpy()
@@ -176,10 +177,7 @@ def split_block(table: pa.Table, kind: str, buckets: int, sequence_folders: list
                          np.int64, len(keys))
     only_to_driver = staged if kind == "outputs" else to_driver
     ids = np.where(only_to_driver, _DRIVER, hashes % buckets)
-    order = np.argsort(ids, kind="stable")
-    bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
-    parts = [table.take(order[bounds[number]:bounds[number + 1]]) for number in range(buckets)]
-    return (*parts, table.filter(to_driver))
+    return listing.Buckets.split(table, ids, buckets), table.filter(to_driver)
 
 
 def _prompt_uses(todo: list[dict[str, Any]]) -> Counter:
@@ -219,11 +217,12 @@ def _todo_table(rows: list[dict[str, Any]]) -> pa.Table:
                                 schema=TODO_SCHEMA)
 
 
-def plan_bucket(context: _Context, prompts: dict[str, str], counts: tuple[int, int], *tables: pa.Table
-                ) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, Any]]:
-    """Task: plan one bucket — its photos and frame sequences — from its inputs, its units' rows and its outputs
-    (``tables``: ``counts`` of the first two kinds, the rest outputs). Returns the units to do, the keys
-    skipped, the rejected rows, and what the driver needs: clips, prompts, counts."""
+def plan_bucket(context: _Context, prompts: dict[str, str], counts: tuple[int, int], number: int,
+                *splits: listing.Buckets) -> tuple[pa.Table, pa.Table, pa.Table, dict[str, Any]]:
+    """Task: plan bucket ``number`` — its photos and frame sequences — from its part of the splits of the inputs,
+    the units' rows and the outputs (``counts`` of the first two kinds, the rest outputs). Returns the units to
+    do, the keys skipped, the rejected rows, and what the driver needs: clips, prompts, counts."""
+    tables = [split.part(number) for split in splits]
     inputs, done, outputs = tables[:counts[0]], tables[counts[0]:counts[0] + counts[1]], tables[sum(counts):]
     existing = {entry.relative: entry for entry in _entries(outputs)}
     planner = Planner(context.spec, state.LatestRows(state.latest_per_unit(list(done))), existing,
@@ -260,16 +259,15 @@ def make_plan(spec: RunSpec, *, dry_run: bool = False, in_tasks: bool | None = N
     sizes = {kind: runner.rows(blocks) for kind, blocks in sources.items()}
     buckets = max(1, -(-max(sizes.values()) // ROWS_PER_BUCKET))
     split = {kind: [runner.submit(split_block, block, kind, buckets, list(spec.video.sequence_folders),
-                                  num_returns=buckets + 1) for block in blocks]
+                                  num_returns=2) for block in blocks]
              for kind, blocks in sources.items()}
     del sources  # each block is dropped once split
     context, prompts_ref = runner.put(_Context(spec, dry_run)), runner.put(prompts)
-    results = []
-    for number in range(buckets):
-        tables = [parts[number] for kind in ("inputs", "state", "outputs") for parts in split[kind]]
-        results.append(runner.submit(plan_bucket, context, prompts_ref, (len(split["inputs"]), len(split["state"])),
-                                     *tables, num_returns=4))
-    to_driver = {kind: [runner.get(parts[buckets]) for parts in split[kind]] for kind in split}
+    splits = [buckets_of for kind in ("inputs", "state", "outputs") for buckets_of, _ in split[kind]]
+    results = [runner.submit(plan_bucket, context, prompts_ref, (len(split["inputs"]), len(split["state"])), number,
+                             *splits, num_returns=4) for number in range(buckets)]
+    del splits
+    to_driver = {kind: [runner.get(driver_rows) for _, driver_rows in split[kind]] for kind in split}
     del split
     videos = list(_entries(to_driver["inputs"]))
     planner = Planner(spec, state.LatestRows(state.latest_per_unit(to_driver["state"])),

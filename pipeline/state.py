@@ -209,18 +209,21 @@ def latest_done(output: Location) -> LatestRows:
 ROWS_PER_BUCKET = 100_000  # unit rows merged by one task while folding
 
 
-def _split_units(table: pa.Table, buckets: int) -> tuple[pa.Table, ...]:
+def _split_units(table: pa.Table, buckets: int) -> listing.Buckets:
     """Task: a block's rows by bucket of their unit key."""
     ids = np.fromiter((zlib.crc32(key.encode()) % buckets for key in table["unit_key"].to_pylist()), np.int64,
                       count=table.num_rows)
-    order = np.argsort(ids, kind="stable")
-    bounds = np.searchsorted(ids[order], np.arange(buckets + 1))
-    return tuple(table.take(order[bounds[number]:bounds[number + 1]]) for number in range(buckets))
+    return listing.Buckets.split(table, ids, buckets)
 
 
 def _latest_of(*tables: pa.Table) -> pa.Table:
-    """Task: one bucket's latest row per unit."""
+    """Task: the latest row per unit of ``tables``."""
     return _latest_per_unit(pa.concat_tables(tables).replace_schema_metadata(None))
+
+
+def _latest_in_bucket(number: int, *splits: listing.Buckets) -> pa.Table:
+    """Task: bucket ``number``'s latest row per unit, from every block's split."""
+    return _latest_of(*(split.part(number) for split in splits))
 
 
 def fold(output: Location, *, in_tasks: bool | None = None) -> list[str]:
@@ -240,9 +243,9 @@ def fold(output: Location, *, in_tasks: bool | None = None) -> list[str]:
     if buckets == 1:
         merged = [runner.submit(_latest_of, *blocks)]
     else:
-        parts = [runner.submit(_split_units, block, buckets, num_returns=buckets) for block in blocks]
-        merged = [runner.submit(_latest_of, *[split[number] for split in parts]) for number in range(buckets)]
-        del parts
+        splits = [runner.submit(_split_units, block, buckets) for block in blocks]
+        merged = [runner.submit(_latest_in_bucket, number, *splits) for number in range(buckets)]
+        del splits
     del blocks
     ids = sorted(folded | {files.run_id for files in runs})
     writing = runner.submit(_write_state, output, ids, merged, runner.in_tasks)
