@@ -58,30 +58,52 @@ class Rows:
     def __getitem__(self, index: int) -> Any:
         return list(self)[index]
 
-    def cut(self, rows_per_block: int) -> list[Any]:
-        """Refs to the rows in blocks of ``rows_per_block`` (raised so that a run never streams more than
-        ``MAX_STREAM_BLOCKS``), cut by tasks that hold no CPU. Ray Data's own repartition task holds a CPU while
-        its output waits to be read, which on a small machine starves the read stage: the run stalls for good."""
+    def dataset(self, rows_per_block: int) -> ray.data.Dataset:
+        """The rows as a Ray Data dataset of blocks of ``rows_per_block`` rows (raised so that a run never streams
+        more than ``MAX_STREAM_BLOCKS``), each cut from its block where Ray Data reads it (``_Slices``)."""
         runner = listing.Runner(True)
         blocks = [block if listing.is_block_ref(block) else runner.put(block) for block in self.blocks]
         counts = runner.row_counts(blocks)
         rows_per_block = max(rows_per_block, -(-sum(counts) // MAX_STREAM_BLOCKS))
-        cut = []
-        for block, count in zip(blocks, counts):
-            parts = -(-count // rows_per_block)
-            if parts:
-                refs = runner.submit(_slices, block, rows_per_block, num_returns=parts, num_cpus=0)
-                cut += refs if parts > 1 else [refs]
-        return cut
+        slices = [(block, start, min(rows_per_block, count - start))
+                  for block, count in zip(blocks, counts) for start in range(0, count, rows_per_block)]
+        # one block per read task: a larger block count would have Ray Data split each read's block further
+        return ray.data.read_datasource(_Slices(slices), num_cpus=0, override_num_blocks=max(1, len(slices)))
 
 
-MAX_STREAM_BLOCKS = 20_000  # refs the driver holds for the stream's input (a ref costs it about a kilobyte)
+MAX_STREAM_BLOCKS = 20_000  # read tasks the driver holds for the stream's input (a task costs it about a kilobyte)
 
 
-def _slices(table: pa.Table, rows: int) -> pa.Table | tuple[pa.Table, ...]:
-    """Task: ``table`` in consecutive slices of ``rows`` rows (one table when it fits in one)."""
-    parts = tuple(table.slice(start, rows) for start in range(0, table.num_rows, rows))
-    return parts if len(parts) > 1 else parts[0]
+class _Slices(ray.data.Datasource):
+    """Slices of blocks in the object store, one read task each, that fetches its block (zero copy) and cuts its
+    slice where it runs. The slices are not cut beforehand: Ray keeps a task's results under 100 KiB in the
+    memory of their owner, the driver, so a run's whole to-do list would sit there until read. Nor by Ray Data's
+    repartition: its task holds a CPU while its output waits, which on a small machine starves the read stage for
+    good."""
+
+    def __init__(self, slices: list[tuple[Any, int, int]]):
+        self.slices = slices  # (block ref, first row, rows)
+
+    def get_name(self) -> str:
+        return "UnitsToDo"
+
+    def estimate_inmemory_data_size(self) -> None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ray.data.ReadTask]:
+        from ray.data.block import BlockMetadata
+
+        return [ray.data.ReadTask(_slice_reader(block, start, rows),
+                                  BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=None))
+                for block, start, rows in self.slices]
+
+
+def _slice_reader(block: Any, start: int, rows: int) -> Callable[[], list[pa.Table]]:
+    def read_slice() -> list[pa.Table]:
+        return [ray.get(block).slice(start, rows)]
+
+    return read_slice
 
 
 @dataclass

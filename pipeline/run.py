@@ -49,7 +49,7 @@ def build_dataset(plan: Plan, prompt_embeds: dict[str, Any], frame_counter: Any 
     batch_size = stage.batch_size
     # The planning tasks' blocks, never the driver's rows, cut into a batch per block so that the read stage spreads
     # over many tasks.
-    pending = ray.data.from_arrow_refs(plan.todo.cut(batch_size))
+    pending = plan.todo.dataset(batch_size)
     fetched = pending.map_batches(
         read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
         batch_size=batch_size,

@@ -89,3 +89,20 @@ def test_folding_in_buckets_equals_folding_whole(ray_local, tmp_path, monkeypatc
     assert latest["k00"] == "20260101T000000000Z-r1" and latest["k39"] == "20260103T000000000Z-r3"  # failed: not done
     assert latest["k04"] == "20260100T000000000Z-r0" and latest["k27"] == "20260103T000000000Z-r3"
     assert state.read_state(split)[1] == {f"2026010{n}T000000000Z-r{n}" for n in range(4)}
+
+
+def test_the_streams_input_is_cut_where_it_is_read_and_capped(ray_local, monkeypatch):
+    """The to-do blocks reach Ray Data as slices of a batch each, cut by the read tasks (not beforehand, where they
+    would sit in the driver's memory), every row once; past ``MAX_STREAM_BLOCKS`` slices grow."""
+    import ray
+
+    tables = [pa.table({"n": list(range(start, start + size))}) for start, size in ((0, 10), (10, 0), (10, 7))]
+    rows = plan.Rows([ray.put(tables[0]), tables[1], ray.put(tables[2])], 17)
+
+    def blocks(dataset) -> list[list[int]]:
+        return sorted(ray.get(ref)["n"].to_pylist() for bundle in dataset.iter_internal_ref_bundles()
+                      for ref in bundle.block_refs)
+
+    assert blocks(rows.dataset(4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16]]
+    monkeypatch.setattr(plan, "MAX_STREAM_BLOCKS", 3)  # 17 rows in at most 3 blocks: 6 rows each
+    assert blocks(rows.dataset(4)) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13, 14, 15], [16]]
