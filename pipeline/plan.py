@@ -58,9 +58,10 @@ class Rows:
     def __getitem__(self, index: int) -> Any:
         return list(self)[index]
 
-    def dataset(self, rows_per_block: int) -> ray.data.Dataset:
+    def dataset(self, rows_per_block: int, num_cpus: float) -> ray.data.Dataset:
         """The rows as a Ray Data dataset of blocks of ``rows_per_block`` rows (raised so that a run never streams
-        more than ``MAX_STREAM_BLOCKS``), each cut from its block where Ray Data reads it (``_Slices``)."""
+        more than ``MAX_STREAM_BLOCKS``), each cut from its block where Ray Data reads it (``_Slices``), by tasks
+        of ``num_cpus`` (those of the next stage: Ray Data fuses the two into one task)."""
         runner = listing.Runner(True)
         blocks = [block if listing.is_block_ref(block) else runner.put(block) for block in self.blocks]
         counts = runner.row_counts(blocks)
@@ -68,7 +69,7 @@ class Rows:
         slices = [(block, start, min(rows_per_block, count - start))
                   for block, count in zip(blocks, counts) for start in range(0, count, rows_per_block)]
         # one block per read task: a larger block count would have Ray Data split each read's block further
-        return ray.data.read_datasource(_Slices(slices), num_cpus=0, override_num_blocks=max(1, len(slices)))
+        return ray.data.read_datasource(_Slices(slices), num_cpus=num_cpus, override_num_blocks=max(1, len(slices)))
 
 
 MAX_STREAM_BLOCKS = 20_000  # read tasks the driver holds for the stream's input (a task costs it about a kilobyte)

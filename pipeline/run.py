@@ -32,6 +32,7 @@ from .storage import Location
 from .upscaler import Upscaler, read_sources, write_outputs
 
 log = logging.getLogger("pipeline")
+READ_CPUS = 0.5  # reading is I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
 
 
 def build_dataset(plan: Plan, prompt_embeds: dict[str, Any], frame_counter: Any = None) -> ray.data.Dataset:
@@ -49,11 +50,10 @@ def build_dataset(plan: Plan, prompt_embeds: dict[str, Any], frame_counter: Any 
     batch_size = stage.batch_size
     # The planning tasks' blocks, never the driver's rows, cut into a batch per block so that the read stage spreads
     # over many tasks.
-    pending = plan.todo.dataset(batch_size)
+    pending = plan.todo.dataset(batch_size, num_cpus=READ_CPUS)
     fetched = pending.map_batches(
         read_sources, fn_kwargs={"input_location": source, "output_location": output}, batch_format="pyarrow",
-        batch_size=batch_size,
-        num_cpus=0.5)  # I/O-bound; a fractional CPU also keeps it from fusing into the actor stage
+        batch_size=batch_size, num_cpus=READ_CPUS)
     prompted = captions.add_prompt_stages(fetched, plan, prompt_embeds)
     upscaled = prompted.map_batches(
         Upscaler,

@@ -103,6 +103,6 @@ def test_the_streams_input_is_cut_where_it_is_read_and_capped(ray_local, monkeyp
         return sorted(ray.get(ref)["n"].to_pylist() for bundle in dataset.iter_internal_ref_bundles()
                       for ref in bundle.block_refs)
 
-    assert blocks(rows.dataset(4)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16]]
+    assert blocks(rows.dataset(4, 0.5)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15, 16]]
     monkeypatch.setattr(plan, "MAX_STREAM_BLOCKS", 3)  # 17 rows in at most 3 blocks: 6 rows each
-    assert blocks(rows.dataset(4)) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13, 14, 15], [16]]
+    assert blocks(rows.dataset(4, 0.5)) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9], [10, 11, 12, 13, 14, 15], [16]]
