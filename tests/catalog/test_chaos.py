@@ -1,6 +1,6 @@
 """Chaos: a catalog on (moto) S3 behind a proxy that throttles (503) and resets connections at random, upscaling
-actors that kill themselves at random, and the job's driver SIGKILLed at random moments (while it starts, and in the
-middle of the work) before a last run finishes.
+actors that kill themselves (each on its 5th image, until three have), and the job's driver SIGKILLed at random
+moments (while it starts, and in the middle of the work) before a last run finishes.
 In the end every input has exactly one ``ok`` row, every output is byte-identical to an uninterrupted run's,
 and no temp file is left."""
 
@@ -24,7 +24,7 @@ from pipeline.engine import BicubicEngine
 from pipeline.manifest import MANIFEST_DIR, SCHEMA
 from pipeline.run import EXIT_OK, run_job
 
-INPUTS = 120
+INPUTS = 80
 SEED = 20261126
 FAULT_RATES = {"unavailable": 0.02, "slowdown": 0.01, "reset": 0.01, "reset_after": 0.01}
 
@@ -80,8 +80,8 @@ def test_chaos_loses_and_duplicates_nothing(ray_local, marker_dir, bucket, s3_op
         fs.pipe_file(f"{bucket}/in/{key}", data)
     expected = _uninterrupted(files)
 
-    # P(no actor kill at all) = 0.95 ** 120 < 0.3 %
-    (marker_dir / "chaos.json").write_text(json.dumps({"kill_probability": 0.05, "kill_budget": 3}))
+    # each actor process kills itself on its 5th image until three kills are recorded
+    (marker_dir / "chaos.json").write_text(json.dumps({"kill_at": 5, "kill_budget": 3}))
     for old in marker_dir.glob("chaos-kill-*"):
         old.unlink()
     outcomes = []

@@ -117,22 +117,19 @@ def node_marked(settings: dict) -> _NodeMarked:
 
 
 class _Chaos(_Wrapped):
-    """Kills its own process (SIGKILL) at random: with probability ``kill_probability`` per image while fewer
-    than ``kill_budget`` kills are recorded, both read from ``chaos.json`` in the marker folder (an environment
-    variable would not reach actors of a Ray started earlier)."""
+    """Kills its own process (SIGKILL) on its ``kill_at``-th image while fewer than ``kill_budget`` kills are
+    recorded, both read from ``chaos.json`` in the marker folder (an environment variable would not reach actors of
+    a Ray started earlier). Deterministic, so every run of the test kills: a restarted actor counts from one again
+    and kills again until the budget is spent."""
 
     def before(self, image: np.ndarray) -> None:
         import json
-        import random
 
         settings = _marker("chaos.json")
         if not settings.exists():
             return
         chaos = json.loads(settings.read_text())
-        if random.random() >= chaos["kill_probability"]:
-            return
-        kills = len(list(_marker("").glob("chaos-kill-*")))
-        if kills < chaos["kill_budget"]:
+        if self.calls == chaos["kill_at"] and len(list(_marker("").glob("chaos-kill-*"))) < chaos["kill_budget"]:
             _marker(f"chaos-kill-{os.getpid()}-{time.monotonic_ns()}").write_text("")
             os.kill(os.getpid(), signal.SIGKILL)
 
