@@ -16,7 +16,6 @@ actor restarted on the same node reuses its kernels instead of compiling again.
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
@@ -25,13 +24,15 @@ COMPILE_CACHE_ENV = "DIT4SR_COMPILE_CACHE"
 
 
 def compile_cache_dir() -> str:
-    """Where compiled kernels persist: ``$TORCHINDUCTOR_CACHE_DIR`` if set, else ``$DIT4SR_COMPILE_CACHE``, else a
-    fixed folder under the node's temp dir (outlives the process, so a restarted actor finds it warm)."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return os.environ["TORCHINDUCTOR_CACHE_DIR"]
-    path = os.environ.get(COMPILE_CACHE_ENV) or os.path.join(tempfile.gettempdir(), "dit4sr-torchinductor")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # inductor reads it when it first writes a kernel
-    return path
+    """Where compiled kernels persist: ``$DIT4SR_COMPILE_CACHE`` if set, else inductor's own cache folder
+    (``$TORCHINDUCTOR_CACHE_DIR``, or ``torchinductor_<user>`` under the node's temp dir), which outlives the process,
+    so a restarted actor finds it warm. Ours must win over ``$TORCHINDUCTOR_CACHE_DIR``: torch sets that variable to
+    its default itself, the first time anything asks for the folder (loading a pipeline does)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    if os.environ.get(COMPILE_CACHE_ENV):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.environ[COMPILE_CACHE_ENV]  # inductor reads it at every write
+    return cache_dir()
 
 
 def compile_transformer(transformer: torch.nn.Module, **compile_options: Any) -> dict[str, Any]:
