@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from support.training import train_config
 
 from dit4sr.train import main
@@ -39,22 +39,16 @@ def _checkpoint_state(result) -> tuple[list[float], dict]:
 
 
 def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(tmp_path, s3):
-    # One process, global batch 4 from the same two data shards.
+    """Two Ray Train workers x batch 2, stopped after step 3 and continued from Ray Train's latest checkpoint via
+    the CLI, end where one process with the global batch 4 from the same two data shards ends: the same losses
+    and weights up to float rounding (a resume that lost a step, the optimizer state or the data order would be
+    far off; bit-identical resume in one process: test_train_resume)."""
     single = Trainer(_distributed_config(tmp_path / "single", s3, batch_size=4, run_name="unused"))
     single_losses = single.fit(show_progress=False)
 
-    # Two Ray Train workers x batch 2, straight through.
-    config = _distributed_config(tmp_path / "ray", s3, batch_size=2, run_name="straight")
-    straight_losses, straight_weights = _checkpoint_state(train_distributed(config, show_progress=False))
-    assert len(straight_losses) == 6
-    np.testing.assert_allclose(straight_losses, single_losses, rtol=1e-5)
-    for name, value in single.transformer.state_dict().items():
-        torch.testing.assert_close(straight_weights[name], value, rtol=1e-4, atol=1e-6)
-
-    # The same run stopped after step 3, then continued from Ray Train's latest checkpoint via the CLI.
     config = _distributed_config(tmp_path / "resumed", s3, batch_size=2, run_name="resumed")
     first = train_distributed(config, stop_at=3, show_progress=False)
-    assert _checkpoint_state(first)[0] == straight_losses[:3]
+    np.testing.assert_allclose(_checkpoint_state(first)[0], single_losses[:3], rtol=1e-5)
     with pytest.raises(TrainingInputError, match="already exists: pass --resume"):
         train_distributed(config, show_progress=False)
     assert main(["--config", str(tmp_path / "resumed" / "train.yaml"), "--num-workers", "2", "--resume",
@@ -65,9 +59,15 @@ def test_two_workers_follow_one_worker_with_the_double_batch_and_resume_exactly(
     fs = fsspec.filesystem("s3", **options)
     checkpoints = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/train/resumed") if "checkpoint-" in p)
     assert checkpoints == ["checkpoint-0000003", "checkpoint-0000006"]
-    with fs.open(f"{bucket}/train/resumed/checkpoint-0000006/training_state/losses.json") as f:
-        assert json.load(f) == straight_losses  # bit for bit
-    with fs.open(f"{bucket}/train/resumed/checkpoint-0000006/model_index.json") as f:
+    final = f"{bucket}/train/resumed/checkpoint-0000006"
+    with fs.open(f"{final}/training_state/losses.json") as f:
+        losses = json.load(f)
+    assert len(losses) == 6 and losses[:3] == _checkpoint_state(first)[0]  # the first three kept as they were
+    np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+    weights = load(fs.cat_file(f"{final}/training_state/transformer/diffusion_pytorch_model.safetensors"))
+    for name, value in single.transformer.state_dict().items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-6)
+    with fs.open(f"{final}/model_index.json") as f:
         assert json.load(f)["transformer"] == ["dit4sr", "DiT4SRTransformer2DModel"]
 
 
