@@ -102,7 +102,11 @@ def _start_ray(*, verbose: bool) -> None:
     import ray
     import ray.data
 
-    ray.init(logging_level=logging.INFO if verbose else logging.WARNING)
+    # The test-only fault hooks (pipeline.manifest.kill_point) reach the job's workers on a running cluster too,
+    # as they do on a local Ray started here, whose workers inherit this environment.
+    hooks = {name: value for name, value in os.environ.items() if name.startswith("DIT4SR_TEST_KILL")}
+    ray.init(logging_level=logging.INFO if verbose else logging.WARNING,
+             runtime_env={"env_vars": hooks} if hooks else None)
     # One progress display, the job's own: Ray Data's bars (a block of lines every few seconds when not on a
     # terminal) and its informational lines only with --verbose.
     ray.data.DataContext.get_current().enable_progress_bars = verbose

@@ -14,6 +14,7 @@ from support.catalog import (
     manifests,
     outputs,
     run_index,
+    session_ray_address,
     small_catalog,
     write_catalog,
 )
@@ -52,7 +53,7 @@ KILLED = -signal.SIGKILL
 @pytest.fixture(scope="module")
 def bundled_reference(ray_session, tmp_path_factory) -> tuple[pathlib.Path, dict[str, bytes]]:
     """A catalog of tiny photos and an uninterrupted run's outputs (run in this process on the session's Ray: only
-    the killed runs need a process and a Ray of their own)."""
+    the killed runs need a process of their own)."""
     root = tmp_path_factory.mktemp("bundled")
     files = small_catalog(6)
     write_catalog(root / "in", files)
@@ -83,8 +84,9 @@ def test_kill_between_output_write_and_manifest_commit_resumes_exactly_once(ray_
     output = tmp_path / "out"
     config = job_config(str(source), str(output), **BUNDLED)
     # killed once the run has committed one batch's part, as the next batch's outputs are written and its part is not
-    # (a job with a Ray of its own: the kill takes the driver, its Ray and the workers)
-    killed = Job(config, tmp_path / "job.yaml", kill_at="after_output_write:1")
+    # (the writing task and the driver; Ray ends the rest of the job)
+    killed = Job(config, tmp_path / "job.yaml", kill_at="after_output_write:1",
+                 env={"RAY_ADDRESS": session_ray_address()})
     assert killed.finish() == KILLED and killed.killed_at == "after_output_write", killed.log
     recorded = read_manifests(Location(str(output), {})).to_pandas()  # the killed run's committed batch parts
     written = outputs(output)
@@ -108,7 +110,7 @@ def test_kill_inside_compaction_never_shows_a_row_twice(ray_local, bundled_refer
     source, reference = bundled_reference
     output = tmp_path / "out"
     config = job_config(str(source), str(output), **BUNDLED)
-    killed = Job(config, tmp_path / "job.yaml", kill_at="inside_compaction")
+    killed = Job(config, tmp_path / "job.yaml", kill_at="inside_compaction", env={"RAY_ADDRESS": session_ray_address()})
     assert killed.finish() == KILLED and killed.killed_at == "inside_compaction", killed.log
     assert outputs(output) == reference
     # the run's file was committed before its parts went: every input once, none twice

@@ -4,16 +4,9 @@ uninterrupted run's."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
-import yaml
 from support import video_clips
-from support.catalog import REPO, job_config, manifests
+from support.catalog import Job, job_config, manifests, session_ray_address
 
 from pipeline.config import validate_config
 from pipeline.run import EXIT_OK, run_job
@@ -31,25 +24,15 @@ def _config(tmp_path, output: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("jobs_join_session_ray")  # its job processes join the session's Ray
 def test_killed_film_resumes_its_unfinished_segments_with_identical_bytes(ray_local, tmp_path):
     (tmp_path / "in").mkdir()
     video_clips.write_clip(tmp_path / "in" / "film.mp4", frames=2 * SEGMENTS, size=(24, 16), audio=True)
     assert run_job(validate_config(_config(tmp_path, "reference"))) == EXIT_OK
 
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(_config(tmp_path, "out")))
     staging = tmp_path / "out" / "_staging" / "film.mp4"
-    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "upscale_catalog.py"), "--config", str(config)],
-                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    deadline = time.monotonic() + 300
-    while len(list(staging.glob("*.nut"))) < SEGMENTS // 2:  # half the film staged
-        assert driver.poll() is None, f"the job ended before half the film was staged:\n{driver.stdout.read()}"
-        assert time.monotonic() < deadline, "timed out waiting for staged segments"
-        time.sleep(0.02)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray and its actor, at once
-    driver.wait()
+    job = Job(_config(tmp_path, "out"), tmp_path / "job.yaml", env={"RAY_ADDRESS": session_ray_address()})
+    job.wait_for(lambda: len(list(staging.glob("*.nut"))) >= SEGMENTS // 2, "half the film staged")
+    job.kill()  # the driver at once: Ray ends its job's actor and tasks
     assert not (tmp_path / "out" / "film.mp4").exists()
     staged_before = {path.name for path in staging.glob("*.nut")}
 

@@ -100,10 +100,10 @@ def session_ray_address() -> str:
 class Job:
     """``jobs/upscale_catalog.py --config <path>`` (``config`` written there) in a subprocess of its own session,
     its output collected line by line. It joins the Ray at ``RAY_ADDRESS`` in ``env`` (``session_ray_address()``:
-    a Ray of its own costs many seconds) or, without it, starts a local Ray of its own: where a kill must take
-    the job's whole Ray with it (``kill_at``, a ``pipeline.manifest.kill_point`` name: its SIGKILL of the job's
-    process group takes the driver, its Ray and the workers; ``killed_at`` says which point fired).
-    ``kill`` SIGKILLs the driver's process group: the driver dies, and with it the job's actors and tasks."""
+    a Ray of its own costs many seconds) or, without it, starts a local Ray of its own. ``kill_at``, a
+    ``pipeline.manifest.kill_point`` name, SIGKILLs the job's process group (the driver, and a local Ray of its
+    own with it) and the worker at that point; ``killed_at`` says which point fired. ``kill`` SIGKILLs the
+    driver's process group. Ray ends a dead driver's actors and tasks."""
 
     def __init__(self, config: dict, path: pathlib.Path, *args: str, env: dict[str, str] | None = None,
                  kill_at: str | None = None):
