@@ -128,6 +128,7 @@ def _lock_config(input: Location, output: Location, **lock) -> tuple[dict, dict]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["s3"], indirect=True)  # a local output's lease: the tests beside and below
 def test_overlapping_runs_and_a_killed_holder_commit_every_input_exactly_once(gate, store, tmp_path, caplog):
     source, output = store
     files = small_catalog(4)
