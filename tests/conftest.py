@@ -49,6 +49,18 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"CI=true, so this skip is a failure: {reason}"
 
 
+# -- one worker for everything that runs Ray, under pytest-xdist (.ci/run: -n 2 --dist loadgroup) -------------------
+RAY_FILES = {"test_readme.py", "test_train_distributed.py"}  # Ray heads and jobs of their own, no session fixture
+
+
+def pytest_itemcollected(item):
+    """Tests that run Ray (the session's, or a head or a job of their own) share ports, the session's cluster and
+    its 4 CPUs: they stay on one xdist worker, in order; the rest, mostly torch on the CPU, spread beside them.
+    (Marked as each is collected: xdist reads the groups in its own pytest_collection_modifyitems.)"""
+    if "ray_session" in item.fixturenames or "catalog" in item.path.parts or item.path.name in RAY_FILES:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+
+
 # -- files and models -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
@@ -151,17 +163,6 @@ def ray_local(ray_session):
         start_local_ray()
 
 
-@pytest.fixture
-def jobs_join_session_ray(ray_local, monkeypatch) -> str:
-    """RAY_ADDRESS of the session's Ray in this process's environment, so job subprocesses the test starts join
-    it instead of starting a Ray of their own (many seconds each); yields the address."""
-    from support.catalog import session_ray_address
-
-    address = session_ray_address()
-    monkeypatch.setenv("RAY_ADDRESS", address)
-    return address
-
-
 # -- one S3 API (moto over HTTP, a process of its own) ---------------------------------------------------------------
 @pytest.fixture(scope="session")
 def _moto(tmp_path_factory):
@@ -220,3 +221,4 @@ def s3_requests(_moto):
 def pytest_unconfigure(config):
     if _RAY_TMPDIR:
         shutil.rmtree(_RAY_TMPDIR, ignore_errors=True)
+
