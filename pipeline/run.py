@@ -101,8 +101,9 @@ def execute(plan: Plan) -> dict[str, Any]:
     remove_staged(output, plan.stale_staging)
     clips = ClipFinisher(plan)
     engine_settings: set[str] = set()
-    counter = FrameCounter.remote() if plan.clips and plan.todo else None
-    with Progress(plan, spec.progress_interval_s, RunMetrics(spec), counter) as progress:
+    counter = (FrameCounter.options(name=f"frame-counter-{plan.run_id}").remote()
+               if plan.clips and plan.todo else None)
+    with _ended(counter), Progress(plan, spec.progress_interval_s, RunMetrics(spec), counter) as progress:
         progress.add(clips.drain_finished())  # clips staged whole by earlier runs are finished at once
         if plan.todo:
             dataset = build_dataset(plan, captions.shared_prompt_embeddings(plan), counter)
@@ -132,6 +133,17 @@ def execute(plan: Plan) -> dict[str, Any]:
                      exit_code=state.exit_code_of(summary))
     print(manifest.format_summary(summary), *where_lines(output, summary), sep="\n", flush=True)
     return summary
+
+
+@contextlib.contextmanager
+def _ended(actor: Any):
+    """Kill ``actor`` (if any) when the block ends: Ray Data keeps a finished dataset, and with it the handle its
+    actors were given, so the actor would otherwise outlive the run in a driver that runs several."""
+    try:
+        yield
+    finally:
+        if actor is not None:
+            ray.kill(actor)
 
 
 def file_url(path: str) -> str:

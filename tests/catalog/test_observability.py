@@ -61,6 +61,10 @@ def test_clip_progress_counts_frames_as_the_actors_finish_them(ray_local, tmp_pa
     assert all(re.search(r"frames/min — .* — ETA \d+ (s|min)$", line) for line in mid_segment), mid_segment
     assert lines[-1].startswith(f"progress: 1 done, 0 failed, 0 remaining of 1 inputs — {REEL_FRAMES} of "
                                 f"{REEL_FRAMES} frames — ") and lines[-1].endswith("ETA 0 s"), lines
+    # the run's frame counter ended with it (Ray Data keeps the handle its actors got: it used to live on)
+    import ray
+
+    assert not [name for name in ray.util.list_named_actors() if name.startswith("frame-counter-")]
 
 
 # A driver that joins the session's Ray, runs the job once per config given, and waits for a line on stdin after
